@@ -1,0 +1,1 @@
+"""Gradio blocks of the extension (may import the webui's modules)."""

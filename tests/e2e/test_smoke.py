@@ -1,0 +1,38 @@
+"""The extension loads cleanly in a real webui v1.10.1 and every tiny checkpoint generates deterministically."""
+import re
+
+import pytest
+
+from .images import first_image, max_abs_diff
+
+ARCH_EXPECTED = {"sd1": "SD1", "sd2v": "SD2-v", "sdxl": "SDXL"}
+
+
+def test_extension_loaded_without_errors(webui):
+    log = webui.log_path.read_text(errors="replace")
+    # no traceback or error line mentions the extension or lib_tune
+    bad = [line for line in log.splitlines()
+           if ("lib_tune" in line or "sd-webui-tune" in line or "scripts/tune.py" in line)
+           and re.search(r"error|warning|traceback|exception", line, re.I)]
+    assert not bad, "extension problems in the console:\n" + "\n".join(bad)
+    assert "Traceback" not in log, log[-4000:]
+
+
+def test_settings_section_and_status_route(webui):
+    opts = webui.get("/sdapi/v1/options")
+    assert opts["tune_default_weight"] == 1.0
+    assert opts["tune_handle_lora_tags"] is False
+    st = webui.get("/tune/v1/status")
+    assert st["architecture"] == "SD1" and st["model"]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2v", "sdxl"])
+def test_checkpoint_generates_deterministically(webui, checkpoints, arch):
+    webui.load_checkpoint(checkpoints[arch].name)
+    assert webui.get("/tune/v1/status")["architecture"] == ARCH_EXPECTED[arch]
+    a = first_image(webui.txt2img("a photo of a cat", seed=7))
+    b = first_image(webui.txt2img("a photo of a cat", seed=7))
+    c = first_image(webui.txt2img("a painting of a dog", seed=7))
+    assert a.shape == (64, 64, 3)
+    assert max_abs_diff(a, b) == 0, "same seed and prompt must give identical pixels"
+    assert max_abs_diff(a, c) > 0, "another prompt must change the image"
