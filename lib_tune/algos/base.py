@@ -18,6 +18,10 @@ Tensor = torch.Tensor
 REGISTRY: List[Type["NetworkModule"]] = []
 
 
+class UnsupportedModuleError(ValueError):
+    """No network type accepts a module's keys, or its tensors have impossible shapes."""
+
+
 def register(cls):
     """Class decorator: add a network type. Types are tried in registration order (see algos/__init__)."""
     REGISTRY.append(cls)
@@ -28,15 +32,20 @@ class NetworkModule:
     """Weights of one adapter for one target module.
 
     weights: the tensors of this module with the module-name prefix removed, e.g. {"lora_up.weight": ...,
-    "lora_down.weight": ..., "alpha": ...}. Subclasses read what they need in __init__.
+    "lora_down.weight": ..., "alpha": ...}. Subclasses check shapes in __init__ (raising
+    UnsupportedModuleError) and read the tensors through self.w() when computing, so that cast_like_builtin
+    and trainers that swap tensors in self.weights are seen.
     """
 
     kind: str = "?"
-    #: the keys (after the module prefix) that this type consumes; the rest are reported as unused
+    #: the keys (after the module prefix) that this type consumes; with common_keys, the rest are unused
+    param_keys: Tuple[str, ...] = ()
     common_keys = ("alpha", "scale", "dora_scale", "bias")
+    #: keys the built-in casts to the webui's compute dtype when it loads a file (see cast_like_builtin)
+    load_cast_keys: Tuple[str, ...] = ()
 
     def __init__(self, weights: Dict[str, Tensor]):
-        self.weights = weights
+        self.weights = dict(weights)
         self.alpha = _scalar(weights.get("alpha"))
         self.scale = _scalar(weights.get("scale"))
         self.dora_scale = weights.get("dora_scale")
@@ -48,9 +57,15 @@ class NetworkModule:
     def accepts(cls, weights: Dict[str, Tensor]) -> bool:
         raise NotImplementedError
 
-    def calc_updown(self, orig_weight: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """Return (finalized delta for the weight, delta for the bias or None), multiplier NOT applied."""
+    def calc_updown(self, orig_weight: Tensor, dyn_dim: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return (finalized delta for the weight, delta for the bias or None), multiplier NOT applied.
+        dyn_dim (the prompt's `dyn=`) only means something to LoRA; the other types ignore it."""
         raise NotImplementedError
+
+    def in_dim(self) -> Optional[int]:
+        """The target's input width as far as the tensors tell (None where they don't): used to guess the
+        model family from cross-attention k/v widths."""
+        return None
 
     # ---- shared ---------------------------------------------------------------------------------
     def calc_scale(self) -> float:
@@ -90,14 +105,32 @@ class NetworkModule:
             dora_scale = dora_scale.reshape(merged.shape[0], *[1] * nd)
         return merged * (dora_scale / norm) - orig_weight
 
-    def delta(self, orig_weight: Tensor, multiplier: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
+    def delta(self, orig_weight: Tensor, multiplier: float = 1.0,
+              dyn_dim: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """The full change to (weight, bias) at this multiplier, computed in orig_weight's dtype promoted to at
         least the adapter's dtype, exactly as the built-in merges it."""
-        up, ex_bias = self.calc_updown(orig_weight)
+        up, ex_bias = self.calc_updown(orig_weight, dyn_dim=dyn_dim)
         up = up * multiplier
         if ex_bias is not None:
             ex_bias = ex_bias * multiplier
         return up, ex_bias
+
+    def unused_keys(self) -> List[str]:
+        used = set(self.param_keys) | set(self.common_keys)
+        return [k for k in self.weights if k not in used]
+
+    def cast_like_builtin(self, dtype: torch.dtype) -> None:
+        """The built-in stores LoRA's up/down/mid in the webui's compute dtype (devices.dtype) when it loads a
+        file and keeps every other type in the file's dtype; call this once with that dtype to get its numbers."""
+        for key in self.load_cast_keys:
+            t = self.weights.get(key)
+            if t is not None:
+                self.weights[key] = t.to(dtype)
+
+    def w(self, key: str, device=None) -> Optional[Tensor]:
+        """One of this module's tensors (None if absent), moved to `device` like the built-in does."""
+        t = self.weights.get(key)
+        return t if t is None or device is None else t.to(device)
 
     def parameters(self) -> List[Tensor]:
         return [t for t in self.weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]

@@ -42,6 +42,8 @@ class AdapterFile:
     metadata: Dict[str, str] = field(default_factory=dict)
     #: keys the reader could not place (file key names), reported to the user
     unplaced: List[str] = field(default_factory=list)
+    #: one line per unplaced key: "<key>: <why>"
+    notes: List[str] = field(default_factory=list)
     #: "sd1" | "sd2" | "sdxl" | None, guessed from keys and metadata
     architecture: Optional[str] = None
 

@@ -1,0 +1,107 @@
+"""LoRA / LoCon: dW = up @ down (Linear, conv 1x1 and conv kxk), or the CP/Tucker form with `lora_mid`.
+
+Same math and order of operations as the webui's network_lora.py + lyco_helpers.py: the factors are flattened to
+2-D, multiplied, and reshaped to [out, in(, kh, kw)]; with `lora_mid` [r, r, kh, kw] the delta is
+einsum('n m k l, i n, m j -> i j k l', mid, up, down). The rank (for alpha/rank) is down.shape[0], also when
+`dyn=` truncates the factors. PEFT's `lora_A`/`lora_B` are the same thing (A = down, B = up).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import NetworkModule, Tensor, UnsupportedModuleError, register
+
+UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
+
+
+@register
+class LoraModule(NetworkModule):
+    kind = "lora"
+    param_keys = (UP, DOWN, MID)
+    load_cast_keys = (UP, DOWN, MID)
+
+    @classmethod
+    def accepts(cls, weights: Dict[str, Tensor]) -> bool:
+        return (UP in weights and DOWN in weights) or ("lora_A.weight" in weights and "lora_B.weight" in weights)
+
+    def __init__(self, weights: Dict[str, Tensor]):
+        if UP not in weights and "lora_B.weight" in weights:
+            weights = dict(weights)
+            weights[UP] = weights.pop("lora_B.weight")
+            weights[DOWN] = weights.pop("lora_A.weight")
+        super().__init__(weights)
+        up, down, mid = self.w(UP), self.w(DOWN), self.w(MID)
+        if up.dim() < 2 or down.dim() < 2:
+            raise UnsupportedModuleError(f"LoRA factors must be at least 2-D, got up {tuple(up.shape)}, "
+                                         f"down {tuple(down.shape)}")
+        inner = mid.shape[:2] if mid is not None else (down.shape[0], down.shape[0])
+        if mid is not None and mid.dim() != 4:
+            raise UnsupportedModuleError(f"lora_mid must be [r, r, kh, kw], got {tuple(mid.shape)}")
+        if up.shape[1] != inner[0] or down.shape[0] != inner[1] or up.shape[2:].numel() != 1:
+            raise UnsupportedModuleError(f"LoRA shapes do not chain: up {tuple(up.shape)}, down {tuple(down.shape)}"
+                                         + (f", mid {tuple(mid.shape)}" if mid is not None else ""))
+        self.dim = down.shape[0]
+
+    def in_dim(self) -> Optional[int]:
+        return self.w(DOWN).shape[1]
+
+    def calc_updown(self, orig_weight: Tensor, dyn_dim: Optional[int] = None):
+        dev = orig_weight.device
+        up, down, mid = self.w(UP, dev), self.w(DOWN, dev), self.w(MID, dev)
+        conv = orig_weight.dim() == 4
+        # the built-in shapes the factors after its target: Linear targets see 2-D factors, conv targets 4-D
+        down_spatial = tuple(down.shape[2:]) if conv and down.dim() == 4 else ()
+        up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        output_shape = [up2.shape[0], down.shape[1]]
+        if mid is not None:
+            if not conv:
+                raise RuntimeError("a LoRA with lora_mid (CP/Tucker conv) cannot target a Linear layer")
+            updown = torch.einsum("n m k l, i n, m j -> i j k l", mid, up2, down2)
+            output_shape += list(mid.shape[2:])
+        else:
+            if conv:
+                output_shape += list(down_spatial or (1, 1))
+            if dyn_dim is not None:
+                up2, down2 = up2[:, :dyn_dim], down2[:dyn_dim, :]
+            updown = (up2 @ down2).reshape(output_shape)
+        return self.finalize_updown(updown, orig_weight, output_shape)
+
+    # ---- low-rank bypass ----------------------------------------------------------------------
+    @property
+    def can_bypass(self) -> bool:
+        """DoRA needs the merged weight's norm and `bias` is a full-rank term: neither is low-rank."""
+        return self.dora_scale is None and self.bias is None
+
+    def bypass(self, x: Tensor, module: torch.nn.Module, multiplier: float = 1.0,
+               dyn_dim: Optional[int] = None) -> Tensor:
+        """The adapter's output term for input x of `module` (a Linear or Conv2d) without building dW:
+        up(mid(down(x))) * multiplier * scale, the order of the built-in's functional forward. Equals
+        F.linear / F.conv2d of x with the delta at that multiplier (for conv, the module's stride, padding and
+        dilation go to the spatial factor: down, or mid when present)."""
+        if not self.can_bypass:
+            raise ValueError("this LoRA has dora_scale or bias; merge it instead of bypassing")
+        up, down, mid = (self.w(k, x.device) for k in (UP, DOWN, MID))
+        up, down = up.to(x.dtype), down.to(x.dtype)
+        if dyn_dim is not None and mid is None:
+            up, down = up[:, :dyn_dim], down[:dyn_dim]
+        if isinstance(module, torch.nn.Conv2d):
+            kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+            down4, up4 = _as_conv(down), _as_conv(up)
+            if mid is None:
+                if down4.shape[2:] != module.weight.shape[2:]:
+                    raise ValueError(f"LoRA kernel {tuple(down4.shape[2:])} does not match the conv's "
+                                     f"{tuple(module.weight.shape[2:])}")
+                h = F.conv2d(x, down4, **kw)
+            else:
+                h = F.conv2d(F.conv2d(x, down4), mid.to(x.dtype), **kw)
+            h = F.conv2d(h, up4)
+        else:
+            h = F.linear(F.linear(x, down.reshape(down.shape[0], -1)), up.reshape(up.shape[0], -1))
+        return h * multiplier * self.calc_scale()
+
+
+def _as_conv(w: Tensor) -> Tensor:
+    return w if w.dim() == 4 else w.reshape(w.shape[0], -1, 1, 1)
