@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,11 +88,16 @@ class WebuiHost:
             d.mkdir(parents=True, exist_ok=True)
         ext_dir = self.data_dir / "extensions"
         ext_dir.mkdir(exist_ok=True)
-        link = ext_dir / "sd-webui-tune"
-        if self.extension and not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
-        if not self.extension and link.is_symlink():
-            link.unlink()
+        ext = ext_dir / "sd-webui-tune"
+        if self.extension and not ext.exists():
+            # the working tree as the extension, without .git: a developer checkout may have no 'origin' remote,
+            # which the webui reports with a traceback while a user's clone from a URL always has one
+            ext.mkdir()
+            for item in REPO.iterdir():
+                if item.name not in (".git", ".venv", ".venv-oracle", "test-output") and not item.name.startswith(".pytest"):
+                    (ext / item.name).symlink_to(item, target_is_directory=item.is_dir())
+        if not self.extension and ext.exists():
+            shutil.rmtree(ext)
 
     def command(self) -> List[str]:
         args = [str(self.python), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
@@ -134,6 +140,11 @@ class WebuiHost:
                 raise
         raise StartError("unreachable")
 
+    def current_log(self) -> str:
+        """The console output of the running webui (the last start try only)."""
+        text = self._log_tail(10 ** 9)
+        return text[text.rfind("===== start try"):]
+
     def _log_tail(self, n: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]
@@ -145,8 +156,10 @@ class WebuiHost:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise StartError(f"webui exited with code {self.proc.returncode}; log tail:\n{self._log_tail()}")
-            # the checkpoint loads in a background thread after the API answers
-            if "Model loaded in" in self._log_tail(200000):
+            # the checkpoint loads in a background thread, and extensions' app_started callbacks (their API
+            # routes) run just before the webui prints its startup time: wait for both
+            log = self.current_log()
+            if "Model loaded in" in log and "Startup time:" in log:
                 try:
                     self.get("/sdapi/v1/options", timeout=5)
                     return

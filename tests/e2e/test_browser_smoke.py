@@ -8,7 +8,7 @@ def test_tune_tab_in_browser(webui, output_dir):
         tab_button = pg.locator("#tabs > .tab-nav button", has_text="Tune").first
         tab_button.wait_for(timeout=30000)
         tab_button.click()
-        status = pg.locator("#tune_status")
+        status = pg.locator("#tune_status").first
         status.wait_for(state="visible", timeout=30000)
         text = status.inner_text()
         pg.screenshot(path=str(output_dir / "e2e-tune-tab.png"))
