@@ -2,7 +2,72 @@
 from . import status as webui_status
 
 
+def _adapter_json(entry) -> dict:
+    from ..library import summary
+    return {
+        "name": entry.name,
+        "alias": entry.alias,
+        "path": entry.path,
+        "type": summary_type(entry),
+        "architecture": entry.architecture,
+        "hash": entry.shorthash,
+        "metadata": summary(entry),
+    }
+
+
+def summary_type(entry) -> str:
+    """The network family from metadata (cheap), e.g. 'lora', 'lycoris.loha'; 'unknown' without metadata."""
+    md = entry.metadata
+    module = md.get("ss_network_module", "")
+    args = md.get("ss_network_args", "")
+    if "lycoris" in module:
+        import json
+        try:
+            algo = json.loads(args).get("algo", "lycoris")
+        except (ValueError, AttributeError):
+            algo = "lycoris"
+        return f"lycoris.{algo}"
+    if module:
+        return "lora"
+    return "unknown"
+
+
 def add_routes(app):
+    from fastapi import HTTPException
+
+    from . import networks
+
     @app.get("/tune/v1/status")
     def tune_status():
         return webui_status.status()
+
+    @app.get("/tune/v1/model-hash")
+    def tune_model_hash():
+        from modules.call_queue import queue_lock
+        with queue_lock:  # not while a generation is changing anything
+            return webui_status.model_hash()
+
+    @app.get("/tune/v1/adapters")
+    def tune_adapters():
+        lib = networks.runtime().library
+        if not lib.entries:
+            lib.refresh()
+        out = []
+        for e in lib.list():
+            try:
+                out.append(_adapter_json(e))
+            except OSError as err:  # a file removed or unreadable since the scan
+                out.append({"name": e.name, "path": e.path, "error": str(err)})
+        return out
+
+    @app.post("/tune/v1/refresh")
+    def tune_refresh():
+        n = networks.runtime().library.refresh()
+        return {"adapters": n}
+
+    @app.get("/tune/v1/adapters/{name:path}")
+    def tune_adapter(name: str):
+        e = networks.runtime().library.find(name)
+        if e is None:
+            raise HTTPException(status_code=404, detail=f"adapter '{name}' not found")
+        return dict(_adapter_json(e), full_metadata=e.metadata)

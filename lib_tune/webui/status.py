@@ -23,3 +23,21 @@ def status() -> dict:
         "model": getattr(info, "name_for_extra", None) or getattr(info, "title", None),
         "architecture": model_architecture(sd_model),
     }
+
+
+def model_hash() -> dict:
+    """sha256 over every parameter and buffer of the loaded model (names, dtypes, shapes, bytes): a diagnostic
+    that the base weights are unchanged by the extension."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    sd_model = shared.sd_model
+    n = 0
+    with torch.no_grad():
+        for name, t in sorted(sd_model.state_dict(keep_vars=True).items()):
+            t = t.detach()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            n += 1
+    return {"sha256": h.hexdigest(), "tensors": n}

@@ -1,0 +1,87 @@
+"""The "Tune" page of the webui's extra-networks browser: the Lora folder's adapters as cards.
+
+Cards insert `<tune:name:weight>` (with the user's activation text and preferred weight from the card's
+metadata editor), show the file's `ss_*`/`modelspec.*` metadata, and are hidden when made for another SD version
+than the loaded model (unless the webui's "show all" setting for Lora is on).
+"""
+import os
+import sys
+
+from modules import shared, ui_extra_networks
+from modules.ui_extra_networks import quote_js
+
+from ..webui import networks
+
+_VERSION_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def _model_version():
+    m = shared.sd_model
+    if m is None:
+        return None
+    return "SDXL" if getattr(m, "is_sdxl", False) else "SD2" if getattr(m, "is_sd2", False) else "SD1"
+
+
+class ExtraNetworksPageTune(ui_extra_networks.ExtraNetworksPage):
+    def __init__(self):
+        super().__init__("Tune")
+
+    def refresh(self):
+        networks.runtime().library.refresh()
+
+    def create_item(self, name, index=None, enable_filter=True):
+        entry = networks.runtime().library.find(name)
+        if entry is None:
+            return None
+        path, _ext = os.path.splitext(entry.path)
+        search_terms = [self.search_terms_from_path(entry.path)]
+        if entry.alias:
+            search_terms.append(entry.alias)
+        version = _VERSION_NAMES.get(entry.architecture or "", "Unknown")
+        item = {
+            "name": name,
+            "filename": entry.path,
+            "preview": self.find_preview(path) or self.find_embedded_preview(path, name, entry.metadata),
+            "description": self.find_description(path),
+            "search_terms": search_terms,
+            "local_preview": f"{path}.{shared.opts.samples_format}",
+            "metadata": entry.metadata,
+            "sort_keys": {"default": index, **self.get_sort_keys(entry.path)},
+            "sd_version": version,
+        }
+        self.read_user_metadata(item)
+        um = item["user_metadata"]
+        weight = um.get("preferred weight") or 0.0
+        item["prompt"] = (quote_js(f"<tune:{entry.alias or name}:") + " + "
+                          + (str(weight) if weight else "opts.extra_networks_default_multiplier") + " + " + quote_js(">"))
+        if um.get("activation text"):
+            item["prompt"] += " + " + quote_js(" " + um["activation text"])
+        item["negative_prompt"] = quote_js("(" + um["negative text"] + ":1)") if um.get("negative text") else quote_js("")
+        if um.get("sd version") in ("SD1", "SD2", "SDXL"):
+            version = um["sd version"]
+            item["sd_version"] = version
+        model = _model_version()
+        if enable_filter and model and version != "Unknown" and version != model \
+                and not getattr(shared.opts, "lora_show_all", False):
+            return None
+        return item
+
+    def list_items(self):
+        for index, entry in enumerate(networks.runtime().library.list()):
+            item = self.create_item(entry.name, index)
+            if item is not None:
+                yield item
+
+    def allowed_directories_for_previews(self):
+        return networks.lora_dirs()
+
+    def create_user_metadata_editor(self, ui, tabname):
+        # the built-in Lora's editor (ss_* table, tags, activation text, preferred weight) when it is loaded
+        builtin = sys.modules.get("ui_edit_user_metadata")
+        if builtin is not None and hasattr(builtin, "LoraUserMetadataEditor"):
+            return builtin.LoraUserMetadataEditor(ui, tabname, self)
+        return super().create_user_metadata_editor(ui, tabname)
+
+
+def register():
+    ui_extra_networks.register_page(ExtraNetworksPageTune())
