@@ -1,0 +1,306 @@
+"""The training job: one flat dataclass, the same JSON the HTTP API (`POST /tune/v1/train`) takes.
+
+Only `dataset`, `method`, `steps`, `output_name` and `trigger` are required; everything else comes from a task
+preset (`preset`, defaulting from the method) and then from the field defaults. Validation raises ConfigError
+naming the first bad field, which the API turns into a 422 with that field.
+
+Preset values are the community's starting points collected in docs/training-anchors.md §2 (SD1.5 at 512):
+- character / object: LoRA dim 16 / alpha 8 (alpha = dim/2: HOLO, CIV), attention + MLP layers (LyCORIS
+  attn-mlp, OneTrainer); character unet 5e-4 / te 1e-4 (HOLO SD1.5, CIV anime), object unet 1e-4 / te 5e-5
+  (DIF DreamBooth-LoRA, DBX, KSS EDG); text encoder trained;
+- style: dim 32 / alpha 16 (CIV), unet 5e-4, text encoder not trained (HOLO: "0 for styles"), noise offset 0.05,
+  flips on;
+- ti: 4 vectors (SDS docs), lr 5e-3 (webui Train tab);
+- pivotal: the character LoRA plus new token vectors at 5e-4 (DIF's TI rate; vectors learn next to the LoRA);
+- all: AdamW (torch; 8-bit/Prodigy optional), cosine schedule with 10% warmup, min-SNR gamma 5 (HOLO, CIV, KSS
+  presets; not for ti, like the webui), batch 1, gradient clipping at 1.0 (kohya's default).
+Never kohya's raw LR default (2e-6, meant for full fine-tuning).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional
+
+from .methods import CONV_METHODS, EMBEDDING_METHODS, METHODS, PRESETS
+from .optim import OPTIMIZERS, SCHEDULERS
+
+TASK_PRESETS = ("character", "style", "object", "ti", "pivotal")
+PRIORS = ("none", "class_images", "base_prediction")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+REQUIRED = ("dataset", "method", "steps", "output_name", "trigger")
+#: fields that may change between a run and its resume (they do not change what is computed)
+RESUMABLE_CHANGES = ("output_dir", "state_dir", "save_every", "keep_last", "save_dtype", "save_state",
+                     "sample_every", "save_on_stop", "latent_cache_dir")
+
+_COMMON = dict(optimizer="adamw", lr_scheduler="cosine", warmup_ratio=0.1, min_snr_gamma=5.0, batch_size=1,
+               max_grad_norm=1.0)
+PRESET_VALUES: Dict[str, Dict[str, Any]] = {
+    "character": dict(_COMMON, targets="attn_mlp", network_dim=16, network_alpha=8.0, unet_lr=5e-4, te_lr=1e-4,
+                      train_text_encoder=True, keep_tokens=1),
+    "object": dict(_COMMON, targets="attn_mlp", network_dim=16, network_alpha=8.0, unet_lr=1e-4, te_lr=5e-5,
+                   train_text_encoder=True, keep_tokens=1),
+    "style": dict(_COMMON, targets="attn_mlp", network_dim=32, network_alpha=16.0, unet_lr=5e-4, te_lr=0.0,
+                  train_text_encoder=False, noise_offset=0.05, flip_aug=True),
+    "ti": dict(_COMMON, num_vectors=4, emb_lr=5e-3, min_snr_gamma=None, train_text_encoder=False),
+    "pivotal": dict(_COMMON, targets="attn_mlp", network_dim=16, network_alpha=8.0, unet_lr=5e-4, te_lr=0.0,
+                    train_text_encoder=False, num_vectors=2, emb_lr=5e-4, keep_tokens=1),
+}
+_DEFAULT_PRESET = {"ti": "ti", "pivotal": "pivotal"}
+
+
+class ConfigError(ValueError):
+    """A bad job config; `field` names the offending field (the API answers 422 with it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class TrainConfig:
+    # ---- required ----
+    dataset: str = ""
+    method: str = ""
+    steps: int = 0
+    output_name: str = ""
+    trigger: str = ""
+    # ---- task ----
+    preset: Optional[str] = None
+    output_dir: Optional[str] = None
+    #: resume-state folder; default <output_dir>/<output_name>-state
+    state_dir: Optional[str] = None
+    class_dir: Optional[str] = None
+    class_prompt: str = ""
+    #: caption of training images without a caption file (the instance prompt)
+    default_caption: str = ""
+    prior: str = "none"
+    prior_loss_weight: float = 1.0
+    # ---- network ----
+    targets: str = "attn_mlp"
+    network_dim: int = 16
+    network_alpha: float = 8.0
+    conv_dim: Optional[int] = None
+    conv_alpha: Optional[float] = None
+    lokr_factor: int = -1
+    train_text_encoder: bool = False
+    # ---- embeddings (ti, pivotal) ----
+    num_vectors: int = 1
+    init_text: str = ""
+    # ---- optimisation ----
+    unet_lr: float = 1e-4
+    te_lr: float = 5e-5
+    emb_lr: float = 5e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    #: overrides warmup_ratio when set
+    warmup_steps: Optional[int] = None
+    lr_cycles: int = 1
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    seed: int = 0
+    # ---- loss ----
+    min_snr_gamma: Optional[float] = 5.0
+    noise_offset: float = 0.0
+    # ---- data ----
+    #: square base resolution; None: the model's (512 SD1, 768 SD2-v, 1024 SDXL)
+    resolution: Optional[int] = None
+    enable_bucket: bool = True
+    min_bucket: int = 256
+    max_bucket: int = 1024
+    bucket_step: int = 64
+    bucket_no_upscale: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    tag_dropout: float = 0.0
+    latent_cache_dir: Optional[str] = None
+    # ---- saving / previews ----
+    save_every: int = 0
+    keep_last: int = 3
+    save_dtype: str = "fp16"
+    save_state: bool = True
+    save_on_stop: bool = True
+    sample_every: int = 0
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        """A validated config from JSON-like data: preset values fill the fields the data does not set."""
+        if not isinstance(data, dict):
+            raise ConfigError("body", "the job must be a JSON object")
+        names = {f.name: f for f in fields(cls)}
+        for key in data:
+            if key not in names:
+                raise ConfigError(str(key), "unknown field")
+        for key in REQUIRED:
+            if data.get(key) in (None, "", 0):
+                raise ConfigError(key, "is required")
+        method = data.get("method")
+        _check_choice("method", method, METHODS)
+        preset = data.get("preset") or _DEFAULT_PRESET.get(method, "character")
+        _check_choice("preset", preset, TASK_PRESETS)
+        values: Dict[str, Any] = dict(PRESET_VALUES[preset])
+        values["preset"] = preset
+        for key, value in data.items():
+            values[key] = _coerce(names[key], key, value)
+        cfg = cls(**{k: v for k, v in values.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- derived -------------------------------------------------------------------------------------------------
+    @property
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        return int(round(self.warmup_ratio * self.steps))
+
+    @property
+    def trains_network(self) -> bool:
+        return self.method != "ti"
+
+    @property
+    def trains_embedding(self) -> bool:
+        return self.method in EMBEDDING_METHODS
+
+    def validate(self) -> None:
+        _check_str("dataset", self.dataset, required=True)
+        _check_choice("method", self.method, METHODS)
+        _check_int("steps", self.steps, 1, 10_000_000)
+        _check_str("output_name", self.output_name, required=True)
+        if re.search(r"[\\/:*?\"<>|\x00-\x1f]", self.output_name) or self.output_name.strip() in (".", ".."):
+            raise ConfigError("output_name", "must be a file name without path separators or reserved characters")
+        _check_str("trigger", self.trigger, required=True)
+        if self.trains_embedding and not re.fullmatch(r"[^\s.,/\\()\[\]<>:]+", self.trigger):
+            raise ConfigError("trigger", "an embedding's trigger must be one word without spaces, dots, commas, "
+                                         "slashes, brackets or colons")
+        if self.method == "ti" and self.output_name != self.trigger:
+            raise ConfigError("output_name", "for textual inversion the file name is the prompt word: it must "
+                                             "equal the trigger")
+        if self.preset is not None:
+            _check_choice("preset", self.preset, TASK_PRESETS)
+        _check_choice("prior", self.prior, PRIORS)
+        if self.prior == "class_images" and not self.class_dir:
+            raise ConfigError("class_dir", "prior 'class_images' needs a class images folder")
+        if self.prior == "base_prediction" and not self.trains_network:
+            raise ConfigError("prior", "the base-prediction prior needs a network (it compares with the adapter "
+                                       "switched off)")
+        _check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        _check_choice("targets", self.targets, PRESETS)
+        _check_int("network_dim", self.network_dim, 1, 1024)
+        _check_float("network_alpha", self.network_alpha, 0.0, 1e6, open_low=True)
+        if self.conv_dim is not None:
+            _check_int("conv_dim", self.conv_dim, 1, 1024)
+            if self.method not in CONV_METHODS:
+                raise ConfigError("conv_dim", f"method {self.method} does not train convolutions; use locon, "
+                                              f"loha, lokr or dora")
+        if self.conv_alpha is not None:
+            _check_float("conv_alpha", self.conv_alpha, 0.0, 1e6, open_low=True)
+        _check_int("lokr_factor", self.lokr_factor, -1, 1 << 20)
+        if self.lokr_factor == 0:
+            raise ConfigError("lokr_factor", "must be -1 (balanced) or a positive factor")
+        _check_bool("train_text_encoder", self.train_text_encoder)
+        if self.train_text_encoder and self.method == "ti":
+            raise ConfigError("train_text_encoder", "textual inversion trains vectors, not the text encoder")
+        _check_int("num_vectors", self.num_vectors, 1, 75)
+        _check_str("init_text", self.init_text)
+        for name in ("unet_lr", "te_lr", "emb_lr"):
+            _check_float(name, getattr(self, name), 0.0, 10.0)
+        if self.trains_network and not self.unet_lr and not (self.train_text_encoder and self.te_lr):
+            raise ConfigError("unet_lr", "nothing would train: unet_lr is 0 and the text encoder is not trained")
+        if self.train_text_encoder and not self.te_lr:
+            raise ConfigError("te_lr", "must be > 0 when the text encoder is trained")
+        if self.trains_embedding and not self.emb_lr:
+            raise ConfigError("emb_lr", "must be > 0 for textual inversion / pivotal tuning")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_float("weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.warmup_steps is not None:
+            _check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        _check_int("lr_cycles", self.lr_cycles, 1, 1000)
+        _check_int("batch_size", self.batch_size, 1, 4096)
+        _check_int("gradient_accumulation", self.gradient_accumulation, 1, 4096)
+        _check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_int("seed", self.seed, 0, 2 ** 63 - 1)
+        if self.min_snr_gamma is not None:
+            _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0, open_low=True)
+        _check_float("noise_offset", self.noise_offset, 0.0, 1.0)
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, 64, 4096)
+            if self.resolution % 8:
+                raise ConfigError("resolution", "must be a multiple of 8")
+        for name in ("enable_bucket", "bucket_no_upscale", "flip_aug", "random_crop", "shuffle_caption",
+                     "save_state", "save_on_stop"):
+            _check_bool(name, getattr(self, name))
+        _check_int("bucket_step", self.bucket_step, 8, 512)
+        if self.bucket_step % 8:
+            raise ConfigError("bucket_step", "must be a multiple of 8")
+        _check_int("min_bucket", self.min_bucket, 64, 8192)
+        _check_int("max_bucket", self.max_bucket, self.min_bucket, 8192)
+        _check_int("keep_tokens", self.keep_tokens, 0, 75)
+        _check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
+        _check_float("tag_dropout", self.tag_dropout, 0.0, 1.0)
+        _check_int("save_every", self.save_every, 0, 10_000_000)
+        _check_int("keep_last", self.keep_last, 1, 10_000)
+        _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        _check_int("sample_every", self.sample_every, 0, 10_000_000)
+        for name in ("output_dir", "state_dir", "class_dir", "latent_cache_dir"):
+            if getattr(self, name) is not None:
+                _check_str(name, getattr(self, name))
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------
+def _coerce(f: dataclasses.Field, key: str, value: Any) -> Any:
+    """JSON numbers for float fields may arrive as ints; everything else must already have its type."""
+    if value is None:
+        return None
+    if f.type in ("float", "Optional[float]") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_str(name: str, value, required: bool = False) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(name, f"must be a string, not {type(value).__name__}")
+    if required and not value.strip():
+        raise ConfigError(name, "is required")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be true or false, not {value!r}")
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, not {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"must be between {lo} and {hi}, not {value}")
+
+
+def _check_float(name: str, value, lo: float, hi: float, open_low: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(name, f"must be a number, not {value!r}")
+    if value < lo or value > hi or (open_low and value == lo):
+        raise ConfigError(name, f"must be {'>' if open_low else '>='} {lo} and <= {hi}, not {value}")

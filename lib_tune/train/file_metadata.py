@@ -1,0 +1,73 @@
+"""The metadata of a file the trainer saves: kohya's ss_* keys (what the run was), the sshs_* hashes and the SAI
+ModelSpec keys, built with metadata.py from the job config, the model and the data (see metadata.py for why each
+key matters to the webui and other tools). Textual-inversion files get the ModelSpec keys only (kohya's TI script
+writes no ss_* keys either).
+
+Extra RunInfo fields the trainer cannot know (the checkpoint's name and hashes, clip skip, VAE) come from the
+webui glue through Trainer(run_info=...).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from .metadata import (RunInfo, build_ss_metadata, dataset_fields, metadata_for_save, modelspec_metadata,
+                       network_args_for)
+
+OPTIMIZER_NAMES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                   "prodigy": "prodigyopt.Prodigy"}
+PRECISION_NAMES = {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def file_metadata(cfg, model, data, tensors: Mapping[str, torch.Tensor], *, step: int, total: int, session_id: int,
+                  started_at: float, precision: Optional[torch.dtype],
+                  extra: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+    """All header metadata of one saved file at `step` (cfg: TrainConfig, model: DiffusionModel, data:
+    TrainingData; tensors: exactly what is saved, for the hashes)."""
+    v = model.prediction_type == "v"
+    res = cfg.resolution or model.native_resolution
+    spec_args = dict(v_parameterization=v, resolution=(res, res), timestamp=started_at,
+                     optional={"trigger_phrase": cfg.trigger})
+    if cfg.method == "ti":
+        return modelspec_metadata(model.architecture, cfg.output_name, adapter="textual-inversion", **spec_args)
+    info = run_info_fields(cfg, model, data, total=total, session_id=session_id, started_at=started_at,
+                           precision=precision)
+    info.update({k: val for k, val in (extra or {}).items() if k in RunInfo.__dataclass_fields__})
+    ss = build_ss_metadata(RunInfo(**info))
+    epoch = data.epoch_of(max(0, step * cfg.gradient_accumulation - 1)) + 1
+    spec = modelspec_metadata(model.architecture, cfg.output_name, **spec_args)
+    return metadata_for_save(tensors, ss, steps=step, epoch=epoch, modelspec=spec)
+
+
+def run_info_fields(cfg, model, data, *, total: int, session_id: int, started_at: float,
+                    precision: Optional[torch.dtype]) -> Dict[str, Any]:
+    """RunInfo fields of a network run. DoRA is LyCORIS algo=lora with dora_wd, pivotal a kohya LoRA (its
+    embedding is named in network_args); conv_dim is reported where convolutions train."""
+    extra: Dict[str, Any] = {"preset": cfg.targets}
+    if cfg.method == "lokr":
+        extra["factor"] = cfg.lokr_factor
+    if cfg.method == "pivotal":
+        extra["embeddings"] = cfg.trigger
+    trains_conv = cfg.method in ("locon", "loha", "lokr", "dora") and cfg.targets == "full"
+    conv_dim = cfg.conv_dim or (cfg.network_dim if trains_conv else None)
+    conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else (cfg.network_alpha if conv_dim else None)
+    method = "lora" if cfg.method == "pivotal" else cfg.method
+    batches = data.batches_per_epoch
+    return dict(
+        output_name=cfg.output_name, base=model.architecture, v_parameterization=model.prediction_type == "v",
+        session_id=session_id, training_started_at=started_at, algo=method,
+        network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+        network_args=network_args_for(method, conv_dim, conv_alpha, extra),
+        learning_rate=cfg.unet_lr, unet_lr=cfg.unet_lr, text_encoder_lr=cfg.te_lr if cfg.train_text_encoder else None,
+        optimizer=OPTIMIZER_NAMES[cfg.optimizer], optimizer_args={"weight_decay": cfg.weight_decay},
+        lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=0 if cfg.lr_scheduler == "constant" else cfg.warmup,
+        max_grad_norm=cfg.max_grad_norm, max_train_steps=total,
+        num_epochs=-(-total * cfg.gradient_accumulation // batches), num_batches_per_epoch=batches,
+        gradient_accumulation_steps=cfg.gradient_accumulation, batch_size=cfg.batch_size,
+        gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=PRECISION_NAMES[precision],
+        seed=cfg.seed, cache_latents=True, min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset or None,
+        prior_loss_weight=cfg.prior_loss_weight, caption_dropout_rate=cfg.caption_dropout,
+        caption_tag_dropout_rate=cfg.tag_dropout, keep_tokens=cfg.keep_tokens, shuffle_caption=cfg.shuffle_caption,
+        flip_aug=cfg.flip_aug, random_crop=cfg.random_crop,
+        **dataset_fields(data.dataset, data.plan, data.buckets))
