@@ -56,6 +56,8 @@ class Runtime:
         self._lock = threading.RLock()
         self.current: List[Activated] = []
         self.hires = False
+        #: adapters under training, by output name: a tag naming one uses its current tensors (no file)
+        self.live: Dict[str, AdapterFile] = {}
 
     # ---- caches ------------------------------------------------------------------------------------------------
     def targets_of(self, sd_model) -> Targets:
@@ -99,7 +101,9 @@ class Runtime:
         out = Activation()
         entries: List[ActiveEntry] = []
         for req in requests:
-            entry = self.library.find(req.name)
+            live = self.live.get(req.name)
+            entry = self.library.find(req.name) if live is None else \
+                AdapterEntry(name=req.name, path=live.path, _hash="training-now")
             if entry is None:
                 self.library.refresh()
                 entry = self.library.find(req.name)
@@ -108,7 +112,8 @@ class Runtime:
                 continue
             t0 = time.perf_counter()
             try:
-                mapped = self.mapped(sd_model, entry)
+                mapped = map_adapter(live, self.targets_of(sd_model)) if live is not None else \
+                    self.mapped(sd_model, entry)
             except Exception as e:  # unreadable, corrupt, wrong architecture: skip it, say why
                 out.warnings.append(f"adapter '{req.name}' skipped: {e}")
                 continue

@@ -165,15 +165,16 @@ class Trainer:
                     if self._call("should_stop"):
                         stopped = True
                         break
-                    lr = self._lr()
-                    loss = self._train_step(self.step)
-                    self.step += 1
-                    self.losses.append(loss)
-                    self._call("on_step", self.step, self.total, loss, lr)
-                    if cfg.sample_every and self.step % cfg.sample_every == 0:
-                        self._sample(self.step)
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
-                        self._save(final=False)
+                    with self._step_context():
+                        lr = self._lr()
+                        loss = self._train_step(self.step)
+                        self.step += 1
+                        self.losses.append(loss)
+                        self._call("on_step", self.step, self.total, loss, lr)
+                        if cfg.sample_every and self.step % cfg.sample_every == 0:
+                            self._sample(self.step)
+                        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                            self._save(final=False)
                 final = None
                 if self.step > 0 and (not stopped or cfg.save_on_stop):
                     final, state_path = self._save(final=True)
@@ -254,6 +255,21 @@ class Trainer:
     def _lr(self) -> float:
         """The LR of this step's first group (unet, else te, else emb)."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextlib.contextmanager
+    def _step_context(self):
+        """Around each step. With a callbacks.step_context() (the webui glue: its queue lock), the adapter is
+        applied only inside it, so whatever runs between two steps (a txt2img) sees the model as it is."""
+        outer = getattr(self.callbacks, "step_context", None)
+        if not callable(outer):
+            yield
+            return
+        with outer():
+            self.injector.apply(self.adapter.entries(), train=True)
+            try:
+                yield
+            finally:
+                self.injector.clear()
 
     def _call(self, name: str, *args):
         fn = getattr(self.callbacks, name, None)

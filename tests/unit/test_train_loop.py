@@ -170,3 +170,32 @@ def test_saved_file_metadata(tmp_path, method, module, args):
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(result.adapter_path).values()} == {torch.bfloat16}
+
+
+def test_step_context_leaves_the_model_plain_between_steps(tmp_path):
+    """With a step_context (the webui's queue lock) the adapter is applied only inside each step, so a generation
+    that runs between two steps sees the model without it; the losses equal a run without the context."""
+    import contextlib
+    seen = []
+
+    class Glue(TrainerCallbacks):
+        trainer = None
+
+        @contextlib.contextmanager
+        def step_context(self):
+            seen.append(("enter", bool(self.trainer.injector.touched)))
+            yield
+            seen.append(("exit", bool(self.trainer.injector.touched)))
+
+        def on_step(self, step, total, loss, lr):
+            seen.append(("step", bool(self.trainer.injector.touched)))
+
+    glue = Glue()
+    _, trainer = make(tmp_path, glue)
+    glue.trainer = trainer
+    with_ctx = trainer.run().losses
+    _, plain = make(tmp_path, None)
+    assert with_ctx == plain.run().losses
+    assert seen[:3] == [("enter", True), ("step", True), ("exit", False)]
+    assert all(applied for kind, applied in seen if kind == "step")
+    assert not any(applied for kind, applied in seen if kind == "exit")

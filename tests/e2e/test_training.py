@@ -1,0 +1,116 @@
+"""Training through the HTTP API in a real webui: files land in the Lora/embeddings folders, the built-in and our
+engine give the same image with them, Interrupt leaves a valid file and an unchanged model, and a txt2img sent
+during training completes."""
+import json
+import threading
+import time
+
+import pytest
+from safetensors import safe_open
+
+from tests.unit.train_fakes import write_images
+
+from .images import first_image, max_abs_diff
+
+# tiny-model settings (webui-host.md: tiny models need about ten times a real model's learning rate)
+TINY = dict(resolution=64, min_bucket=64, max_bucket=128, unet_lr=5e-3, te_lr=1e-3, network_dim=8,
+            network_alpha=4, save_every=10, seed=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dataset")
+    write_images(d)
+    return str(d)
+
+
+def wait(webui, job_id, timeout=600):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        j = webui.get(f"/tune/v1/jobs/{job_id}")
+        if j["state"] in ("done", "failed", "interrupted"):
+            return j
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {j}")
+
+
+def train(webui, **cfg):
+    r = webui.post("/tune/v1/train", cfg)
+    return wait(webui, r["id"])
+
+
+def test_invalid_configs_get_422_naming_the_field(webui, dataset):
+    import urllib.error
+    cases = [({"method": "lora", "steps": 5, "output_name": "x", "trigger": "x"}, "dataset"),
+             ({"dataset": dataset, "method": "nope", "steps": 5, "output_name": "x", "trigger": "x"}, "method"),
+             ({"dataset": dataset, "method": "lora", "steps": -1, "output_name": "x", "trigger": "x"}, "steps"),
+             ({"dataset": "/does/not/exist", "method": "lora", "steps": 5, "output_name": "x", "trigger": "x"},
+              "dataset")]
+    for body, field in cases:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            webui.post("/tune/v1/train", body)
+        assert e.value.code == 422
+        detail = json.loads(e.value.read())["detail"]
+        assert detail["field"] == field, detail
+
+
+@pytest.mark.parametrize("arch,method", [("sd1", "lora"), ("sd1", "loha"), ("sd1", "pivotal"), ("sdxl", "lora")])
+def test_trained_file_works_in_builtin_and_tune(webui, checkpoints, dataset, arch, method):
+    webui.load_checkpoint(checkpoints[arch].name)
+    before = webui.get("/tune/v1/model-hash")["sha256"]
+    name = f"e2e-{arch}-{method}"
+    job = train(webui, dataset=dataset, method=method, steps=20, output_name=name, trigger="zkw", overwrite=True,
+                **TINY)
+    assert job["state"] == "done", job
+    path = job["output_path"]
+    assert path.startswith(str(webui.lora_dir)) and path.endswith(f"{name}.safetensors")
+    with safe_open(path, "pt") as f:
+        md = f.metadata()
+        keys = list(f.keys())
+    assert md["ss_output_name"] == name and md["ss_network_dim"] == "8" and "sshs_model_hash" in md
+    if method == "pivotal":
+        assert any(k.startswith("bundle_emb.zkw.") for k in keys)
+    assert len(job["losses"]) == 20
+    assert webui.get("/tune/v1/model-hash")["sha256"] == before
+    webui.post("/sdapi/v1/refresh-loras")
+    assert name in [x["name"] for x in webui.get("/sdapi/v1/loras")]
+    prompt = "zkw, a photo"
+    base = first_image(webui.txt2img(prompt, seed=4))
+    builtin = first_image(webui.txt2img(prompt + f" <lora:{name}:1>", seed=4))
+    ours = first_image(webui.txt2img(prompt + f" <tune:{name}:1>", seed=4))
+    assert max_abs_diff(builtin, ours) <= 2
+    assert max_abs_diff(ours, base) > 0
+
+
+def test_textual_inversion_goes_to_embeddings_and_is_used_by_name(webui, checkpoints, dataset):
+    webui.load_checkpoint(checkpoints["sd1"].name)
+    job = train(webui, dataset=dataset, method="ti", steps=10, output_name="zkwti", trigger="zkwti", overwrite=True,
+                resolution=64, min_bucket=64, emb_lr=0.1, seed=1)
+    assert job["state"] == "done", job
+    assert job["output_path"].startswith(str(webui.embeddings_dir))
+    webui.post("/sdapi/v1/refresh-embeddings")
+    assert "zkwti" in webui.get("/sdapi/v1/embeddings")["loaded"]
+    base = first_image(webui.txt2img("a photo of something", seed=4))
+    used = first_image(webui.txt2img("a photo of zkwti", seed=4))
+    assert max_abs_diff(base, used) > 0
+
+
+def test_interrupt_leaves_valid_file_and_unchanged_model_and_txt2img_runs_during_training(webui, checkpoints, dataset):
+    webui.load_checkpoint(checkpoints["sd1"].name)
+    before = webui.get("/tune/v1/model-hash")["sha256"]
+    base = first_image(webui.txt2img("a photo", seed=8))
+    r = webui.post("/tune/v1/train", dict(dataset=dataset, method="lora", steps=400, output_name="e2e-int",
+                                          trigger="zkw", overwrite=True, **TINY))
+    while webui.get(f"/tune/v1/jobs/{r['id']}")["step"] < 3:
+        time.sleep(0.2)
+    # a generation between training steps: completes, and sees the model without the training adapter
+    during = first_image(webui.txt2img("a photo", seed=8))
+    assert max_abs_diff(during, base) == 0
+    live = first_image(webui.txt2img("a photo <tune:e2e-int:1>", seed=8))
+    assert max_abs_diff(live, base) > 0, "the adapter under training is usable by tag mid-run"
+    webui.post(f"/tune/v1/jobs/{r['id']}/interrupt")
+    job = wait(webui, r["id"])
+    assert job["state"] == "interrupted" and 3 <= job["step"] < 400
+    with safe_open(job["output_path"], "pt") as f:
+        assert len(list(f.keys())) > 0
+    assert webui.get("/tune/v1/model-hash")["sha256"] == before
