@@ -130,7 +130,11 @@ class NetworkModule:
     def w(self, key: str, device=None) -> Optional[Tensor]:
         """One of this module's tensors (None if absent), moved to `device` like the built-in does."""
         t = self.weights.get(key)
-        return t if t is None or device is None else t.to(device)
+        if t is None or device is None:
+            return t
+        t = t.to(device)
+        # torch has no float16 matmul on the CPU (2.1): compute such files in float32 there (the built-in fails)
+        return t.float() if t.dtype == torch.float16 and t.device.type == "cpu" else t
 
     def parameters(self) -> List[Tensor]:
         return [t for t in self.weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]

@@ -19,6 +19,7 @@ requires_grad flags, train/eval modes and changed attributes restored (Diffusion
 from __future__ import annotations
 
 import contextlib
+import os
 import hashlib
 import re
 import time
@@ -295,7 +296,10 @@ class Trainer:
         cfg = self.config
         tensors = cast_for_saving(self.adapter.tensors(), cfg.save_dtype)
         path = self.checkpoints.adapter_path(None if final else self.step)
-        write_adapter_file(path, tensors, self._metadata(tensors))
+        # an intermediate file is named by its own stem: sharing the final file's ss_output_name would make it an
+        # alias the built-in Lora resolves `<lora:output_name>` to (the last file listed wins)
+        name = os.path.splitext(os.path.basename(path))[0]
+        write_adapter_file(path, tensors, self._metadata(tensors, name))
         self.saved.append(path)
         self._call("on_save", path)
         state_path = None
@@ -319,7 +323,10 @@ class Trainer:
             "run": {"session_id": self.session_id, "training_started_at": self.started_at},
         }
 
-    def _metadata(self, tensors) -> dict:
+    def _metadata(self, tensors, output_name: Optional[str] = None) -> dict:
+        extra = dict(self.run_info)
+        if output_name and output_name != self.config.output_name:
+            extra["output_name"] = output_name
         return file_metadata(self.config, self.model, self.data, tensors, step=self.step, total=self.total,
                              session_id=self.session_id, started_at=self.started_at, precision=self.precision,
-                             extra=self.run_info)
+                             extra=extra)

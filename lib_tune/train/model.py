@@ -79,16 +79,17 @@ def _describe_encoder(key: str, enc: torch.nn.Module) -> Optional[TextEncoder]:
             return _tok(list(texts), truncation=True, max_length=_n, padding="max_length",
                         return_tensors="pt")["input_ids"]
 
-        return TextEncoder(key, enc, transformer.text_model.embeddings.token_embedding, hf_tokenize,
+        # the webui wraps the table in EmbeddingsWithFixes (.wrapped): the table itself is what training reads
+        return TextEncoder(key, enc, _unwrap(transformer.text_model.embeddings.token_embedding), hf_tokenize,
                            bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
     model = getattr(enc, "model", None)
-    if model is not None and isinstance(getattr(model, "token_embedding", None), torch.nn.Embedding):
+    if model is not None and isinstance(_unwrap(getattr(model, "token_embedding", None)), torch.nn.Embedding):
         def oc_tokenize(texts):
             import open_clip
 
             return open_clip.tokenize(list(texts))
 
-        return TextEncoder(key, enc, model.token_embedding, oc_tokenize)
+        return TextEncoder(key, enc, _unwrap(model.token_embedding), oc_tokenize)
     return None
 
 

@@ -1,7 +1,38 @@
-"""The top-level "Tune" tab."""
+"""The top-level "Tune" tab: a form that builds the same JSON job as `POST /tune/v1/train`, validation, start,
+live progress of the current job, and what to do with the result.
+
+How live progress works in gradio 3.41: javascript/tune.js clicks the hidden `#tune_poll` button every 1.5 s
+while this tab is visible and the shown job is queued or running (and once whenever the tab is opened). The
+job lives server-side in jobs.registry, so a reload or another browser sees the same run. The poll answers
+only what changed since the browser's last poll (a gr.State holds what it was sent): the gallery and the plot
+are re-sent only when there are new samples / steps, so they do not flicker.
+
+Images go out as PIL images marked `already_saved_as` their file: the webui's gradio patch then serves that
+file instead of writing a temporary copy every poll.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
 import gradio as gr
 
+from ..train.config import ConfigError
 from ..webui import status as webui_status
+from . import form
+from .plot import training_plot
+from .progress import ACTIVE, events_html, message_html, progress_html, report_html
+
+DATASET_KEYS = ("dataset", "trigger", "default_caption", "shuffle_caption", "keep_tokens", "caption_dropout",
+                "flip_aug")
+PRIOR_KEYS = ("prior", "class_dir", "class_prompt", "prior_loss_weight")
+TASK_KEYS = ("method", "preset", "steps", "output_name", "overwrite")
+NETWORK_KEYS = ("targets", "network_dim", "network_alpha", "conv_dim", "train_text_encoder")
+EMBEDDING_KEYS = ("num_vectors", "init_text", "emb_lr")
+RATE_KEYS = ("unet_lr", "te_lr", "optimizer", "lr_scheduler", "warmup_ratio", "min_snr_gamma", "noise_offset")
+DATA_KEYS = ("resolution", "min_bucket", "max_bucket", "batch_size", "gradient_accumulation",
+             "gradient_checkpointing", "mixed_precision", "save_every", "seed")
+SAMPLE_KEYS = ("sample_prompts", "sample_every", "sample_steps")
 
 
 def _status_markdown() -> str:
@@ -10,10 +41,226 @@ def _status_markdown() -> str:
             f"({s['architecture']})")
 
 
+def _jobs():
+    from ..webui import jobs
+    return jobs
+
+
+def _component(f: form.Field, value: Any):
+    eid = f"tune_{f.key}"
+    if f.kind == "bool":
+        return gr.Checkbox(label=f.label, value=bool(value), elem_id=eid)
+    if f.kind == "choice":
+        if f.key == "method":
+            return gr.Radio(label=f.label, choices=list(f.choices), value=value, elem_id=eid)
+        return gr.Dropdown(label=f.label, choices=list(f.choices), value=value, elem_id=eid, info=f.info or None)
+    if f.kind == "int":
+        return gr.Number(label=f.label, value=value, precision=0, elem_id=eid, info=f.info or None)
+    if f.kind == "float":
+        return gr.Number(label=f.label, value=value, elem_id=eid, info=f.info or None)
+    if f.kind == "lines":
+        return gr.Textbox(label=f.label, value=value, lines=3, elem_id=eid)
+    return gr.Textbox(label=f.label, value=value, lines=1, elem_id=eid, info=f.info or None)
+
+
+def _base_url() -> str:
+    from modules import shared
+    opts = shared.cmd_opts
+    host = getattr(opts, "server_name", None) or "127.0.0.1"
+    if host == "0.0.0.0":
+        host = "127.0.0.1"
+    return f"http://{host}:{getattr(opts, 'port', None) or 7860}"
+
+
+# ---- job read-outs -------------------------------------------------------------------------------------------
+def _current_job() -> Optional[Dict[str, Any]]:
+    """The job the tab shows: the running one, else the latest."""
+    jobs = _jobs()
+    job = jobs.registry.running() or (jobs.registry.list() or [None])[-1]
+    return job.to_dict() if job is not None else None
+
+
+def _saved_image(path: str):
+    """A PIL image of a file on disk that the webui's gradio patch serves as that file (no temporary copy)."""
+    from PIL import Image
+    img = Image.open(path)
+    img.already_saved_as = path
+    return img
+
+
+def _gallery(job: Dict[str, Any]) -> List:
+    return [(_saved_image(s["path"]), f"step {s['step']}: {s['prompt']}") for s in job.get("samples") or []
+            if os.path.isfile(s.get("path", ""))]
+
+
+def _plot(job: Dict[str, Any]):
+    path = os.path.join(_jobs().data_dir(), "plots", f"{job['id']}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    first = 1 + max(0, (job.get("step") or 0) - len(job.get("losses") or []))
+    img = training_plot(job.get("losses") or [], job.get("lrs") or [], first_step=first,
+                        title=f"{job.get('output_name')}: training loss")
+    img.save(path)
+    return _saved_image(path)
+
+
+def _readout(job: Optional[Dict[str, Any]], seen: Optional[Dict[str, Any]]):
+    """Outputs for the progress area; gallery and plot only when they changed since `seen`."""
+    seen = seen if isinstance(seen, dict) else {}
+    if job is None:
+        return (progress_html(None), gr.update(), gr.update(), events_html(None), {}, gr.update(visible=False),
+                gr.update(visible=False), gr.update(visible=False), "")
+    same_job = seen.get("id") == job["id"]
+    n_samples, n_losses = len(job.get("samples") or []), len(job.get("losses") or [])
+    gallery = gr.update(value=_gallery(job)) if not same_job or seen.get("samples") != n_samples else gr.update()
+    plot = gr.update(value=_plot(job)) if not same_job or seen.get("losses") != n_losses else gr.update()
+    active = job["state"] in ACTIVE
+    use = form.use_text(job)
+    return (progress_html(job), gallery, plot, events_html(job), {"id": job["id"], "samples": n_samples,
+                                                                 "losses": n_losses},
+            gr.update(visible=active), gr.update(visible=bool(use) and not active),
+            gr.update(visible=not active and job["state"] in ("interrupted", "failed")), use)
+
+
+# ---- actions -------------------------------------------------------------------------------------------------
+def _config_error(prefix: str, e: ConfigError) -> str:
+    return message_html(f"{prefix}: {e.field}: {e.message}", ok=False)
+
+
 def build() -> gr.Blocks:
+    values0 = form.initial_values()
+    comps: Dict[str, Any] = {}
+
+    def make(keys):
+        for k in keys:
+            comps[k] = _component(form.BY_KEY[k], values0[k])
+
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row(elem_id="tune_status_row"):
             status = gr.Markdown(_status_markdown, elem_id="tune_status")
             refresh = gr.Button("Refresh", elem_id="tune_status_refresh", scale=0)
-        refresh.click(fn=_status_markdown, inputs=[], outputs=[status])
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Group():
+                    gr.Markdown("### Dataset")
+                    make(DATASET_KEYS[:3])
+                    with gr.Row():
+                        make(DATASET_KEYS[3:])
+                with gr.Group():
+                    gr.Markdown("### Method")
+                    make(TASK_KEYS[:2])
+                    with gr.Row():
+                        make(TASK_KEYS[2:])
+                with gr.Accordion("Advanced", open=False, elem_id="tune_advanced"):
+                    with gr.Row():
+                        make(NETWORK_KEYS)
+                    with gr.Row():
+                        make(RATE_KEYS)
+                    with gr.Row():
+                        make(EMBEDDING_KEYS)
+                    with gr.Row():
+                        make(DATA_KEYS)
+                    with gr.Row():
+                        make(PRIOR_KEYS)
+                with gr.Group():
+                    gr.Markdown("### Samples")
+                    make(SAMPLE_KEYS[:1])
+                    with gr.Row():
+                        make(SAMPLE_KEYS[1:])
+                with gr.Accordion("Copy as API request", open=False, elem_id="tune_api_accordion"):
+                    api_build = gr.Button("Build from the form", elem_id="tune_api_build")
+                    api_json = gr.Textbox(label="POST /tune/v1/train body", lines=12, elem_id="tune_api_json",
+                                          show_copy_button=True, interactive=False)
+                    api_curl = gr.Textbox(label="curl", lines=2, elem_id="tune_api_curl", show_copy_button=True,
+                                          interactive=False)
+            with gr.Column(scale=2):
+                with gr.Row():
+                    validate_btn = gr.Button("Validate", elem_id="tune_validate")
+                    start_btn = gr.Button("Start training", variant="primary", elem_id="tune_start")
+                message = gr.HTML(elem_id="tune_message")
+                report = gr.HTML(elem_id="tune_report")
+                progress = gr.HTML(progress_html(None), elem_id="tune_progress")
+                with gr.Row():
+                    interrupt_btn = gr.Button("Interrupt", elem_id="tune_interrupt", visible=False)
+                    use_btn = gr.Button("Use it", variant="primary", elem_id="tune_use", visible=False)
+                    resume_btn = gr.Button("Resume", elem_id="tune_resume", visible=False)
+                gallery = gr.Gallery(label="Samples", elem_id="tune_gallery", columns=4, height="auto",
+                                     object_fit="contain")
+                plot = gr.Image(label="Loss and learning rate", type="pil", interactive=False, elem_id="tune_plot")
+                log = gr.HTML(events_html(None), elem_id="tune_log")
+        poll_btn = gr.Button(visible=False, elem_id="tune_poll")
+        use_value = gr.Textbox(visible=False, elem_id="tune_use_value")
+        seen = gr.State({})
+
+        keys = list(comps)
+        inputs = [comps[k] for k in keys]
+        readout = [progress, gallery, plot, log, seen, interrupt_btn, use_btn, resume_btn, use_value]
+
+        def job_from(args):
+            return form.to_job(form.values_from(keys, args))
+
+        def on_refresh():
+            return _status_markdown()
+
+        def on_preset(preset):
+            vals = form.preset_values(preset)
+            return [gr.update(value=vals[k]) for k in form.PRESET_KEYS]
+
+        def on_method(method, preset, prior, class_dir):
+            return (gr.update(value=form.preset_for_method(method, preset)),
+                    gr.update(value=form.prior_for_method(method, prior, class_dir)))
+
+        def on_api(*args):
+            return form.api_request(job_from(args), _base_url())
+
+        def on_validate(*args):
+            job = job_from(args)
+            api = form.api_request(job, _base_url())
+            try:
+                rep = _jobs().validate(form.validation_body(job))
+            except ConfigError as e:
+                return (_config_error("Not valid", e), "") + api
+            ok = rep.get("ok")
+            return (message_html("The dataset is ready." if ok else "The dataset has errors (see below).", ok=ok),
+                    report_html(rep)) + api
+
+        def start(body, seen_state, what):
+            try:
+                _jobs().start(body)
+            except ConfigError as e:
+                return (_config_error(f"Cannot {what}", e),) + _readout(_current_job(), seen_state)
+            job = _current_job()
+            return (message_html(f"{what.capitalize()}ed job {job['id']}."),) + _readout(job, seen_state)
+
+        def on_start(seen_state, *args):
+            job = job_from(args)
+            return start(job, seen_state, "start") + form.api_request(job, _base_url())
+
+        def on_resume(seen_state):
+            job = _current_job()
+            if job is None:
+                return (message_html("No job to resume.", ok=False),) + _readout(None, seen_state)
+            return start(form.resume_body(job["config"]), seen_state, "resum")
+
+        def on_interrupt(seen_state):
+            jobs = _jobs()
+            running = jobs.registry.running()
+            if running is not None:
+                jobs.interrupt(running.id)
+            return _readout(_current_job(), seen_state)
+
+        def on_poll(seen_state):
+            return _readout(_current_job(), seen_state)
+
+        refresh.click(fn=on_refresh, inputs=[], outputs=[status])
+        comps["preset"].change(fn=on_preset, inputs=[comps["preset"]], outputs=[comps[k] for k in form.PRESET_KEYS],
+                               queue=False, show_progress="hidden")
+        comps["method"].change(fn=on_method, inputs=[comps[k] for k in ("method", "preset", "prior", "class_dir")],
+                               outputs=[comps["preset"], comps["prior"]], queue=False, show_progress="hidden")
+        api_build.click(fn=on_api, inputs=inputs, outputs=[api_json, api_curl], queue=False)
+        validate_btn.click(fn=on_validate, inputs=inputs, outputs=[message, report, api_json, api_curl])
+        start_btn.click(fn=on_start, inputs=[seen] + inputs, outputs=[message] + readout + [api_json, api_curl])
+        resume_btn.click(fn=on_resume, inputs=[seen], outputs=[message] + readout)
+        interrupt_btn.click(fn=on_interrupt, inputs=[seen], outputs=readout, queue=False)
+        poll_btn.click(fn=on_poll, inputs=[seen], outputs=readout, queue=False, show_progress="hidden")
+        use_btn.click(fn=None, _js="tune_use_it", inputs=[use_value], outputs=[])
     return blocks

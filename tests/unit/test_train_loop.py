@@ -199,3 +199,14 @@ def test_step_context_leaves_the_model_plain_between_steps(tmp_path):
     assert seen[:3] == [("enter", True), ("step", True), ("exit", False)]
     assert all(applied for kind, applied in seen if kind == "step")
     assert not any(applied for kind, applied in seen if kind == "exit")
+
+
+def test_intermediate_files_have_their_own_output_name(tmp_path):
+    from safetensors import safe_open
+    _, trainer = make(tmp_path, None, save_every=3, output_dir=str(tmp_path / "out"))
+    result = trainer.run()
+    names = {}
+    for path in result.saved:
+        with safe_open(path, "pt") as f:
+            names[path.rsplit("/", 1)[-1]] = f.metadata()["ss_output_name"]
+    assert names == {"fake-step000003.safetensors": "fake-step000003", "fake.safetensors": "fake"}, names

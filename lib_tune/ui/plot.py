@@ -1,0 +1,109 @@
+"""The Tune tab's training plot: raw loss (light grey), its smoothed trend (blue, lib_tune.train.plot's EMA)
+and the learning rate (orange) on a second axis at the right, drawn with PIL alone (the webui's environment has
+no matplotlib). Pure: returns a PIL image; non-finite losses are left out of the scale and the lines (a NaN loss
+is reported elsewhere, it must not blank the whole plot)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+from ..train.plot import smooth
+
+RAW = (185, 185, 185)
+SMOOTH = (30, 90, 200)
+LR = (230, 120, 20)
+INK = (0, 0, 0)
+GRID = (232, 232, 232)
+
+
+def _range(values: Sequence[float]) -> Optional[Tuple[float, float]]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    lo, hi = min(finite), max(finite)
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):
+        pad = abs(hi) * 0.05 or 0.5
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
+def _segments(points: List[Optional[Tuple[float, float]]]) -> List[List[Tuple[float, float]]]:
+    """Runs of consecutive drawable points (a None breaks the line)."""
+    runs, cur = [], []
+    for p in points:
+        if p is None:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            cur.append(p)
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(720, 300),
+                  title: str = "training loss", first_step: int = 1):
+    """The plot as a PIL RGB image of `size`. Entry i of `losses` is training step first_step + i; when one
+    list is shorter (a resumed job keeps its earlier losses but logs learning rates from the resume on), it is
+    aligned to the last steps."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 64, 70, 26, 34
+    x0, x1, y0, y1 = left, w - right, top, h - bottom
+    img = Image.new("RGB", size, (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for i in range(1, 4):
+        y = y0 + (y1 - y0) * i / 4
+        d.line([(x0, y), (x1, y)], fill=GRID)
+    d.rectangle([x0, y0, x1, y1], outline=INK)
+    d.text((x0, 7), title, fill=INK)
+    d.text((x1 - 190, 7), "raw", fill=RAW)
+    d.text((x1 - 160, 7), "smoothed", fill=SMOOTH)
+    d.text((x1 - 100, 7), "learning rate", fill=LR)
+    losses = [float(v) for v in losses]
+    lrs = [float(v) for v in lrs]
+    n = max(len(losses), len(lrs))
+    if n == 0:
+        d.text(((x0 + x1) // 2 - 40, (y0 + y1) // 2), "no steps yet", fill=INK)
+        return img
+
+    def x_of(i: int) -> float:
+        return x0 + (x1 - x0) * (i / max(1, n - 1))
+
+    def line(values: Sequence[float], rng, color, width):
+        lo, hi = rng
+        offset = n - len(values)  # a shorter list (LRs after a resume) covers the last steps
+        pts = [(x_of(offset + i), y1 - (y1 - y0) * (v - lo) / (hi - lo)) if math.isfinite(v) else None
+               for i, v in enumerate(values)]
+        for run in _segments(pts):
+            if len(run) == 1:
+                d.point(run, fill=color)
+            else:
+                d.line(run, fill=color, width=width)
+
+    loss_rng = _range(losses)
+    if loss_rng:
+        finite = [v for v in losses if math.isfinite(v)]
+        smoothed, it = [], iter(smooth(finite))
+        for v in losses:  # the EMA over the finite losses, placed at their steps
+            smoothed.append(next(it) if math.isfinite(v) else float("nan"))
+        line(losses, loss_rng, RAW, 1)
+        line(smoothed, loss_rng, SMOOTH, 2)
+        d.text((4, y0 - 5), f"{loss_rng[1]:.3g}", fill=SMOOTH)
+        d.text((4, y1 - 8), f"{loss_rng[0]:.3g}", fill=SMOOTH)
+        d.text((4, (y0 + y1) // 2 - 5), "loss", fill=SMOOTH)
+    lr_rng = _range(lrs)
+    if lr_rng:
+        lo, hi = lr_rng
+        lr_rng = (min(lo, 0.0), hi) if lo >= 0 else lr_rng  # learning rates read best from 0
+        line(lrs, lr_rng, LR, 2)
+        d.text((x1 + 6, y0 - 5), f"{lr_rng[1]:.2e}", fill=LR)
+        d.text((x1 + 6, y1 - 8), f"{lr_rng[0]:.2g}", fill=LR)
+        d.text((x1 + 6, (y0 + y1) // 2 - 5), "LR", fill=LR)
+    d.text((x0, y1 + 6), str(first_step), fill=INK)
+    last = str(first_step + n - 1)
+    d.text((x1 - 7 * len(last), y1 + 6), last, fill=INK)
+    d.text(((x0 + x1) // 2 - 12, y1 + 18), "step", fill=INK)
+    return img
