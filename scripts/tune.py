@@ -9,5 +9,6 @@ if _root not in sys.path:
     sys.path.append(_root)
 
 from lib_tune.webui import register  # noqa: E402
+from lib_tune.webui.script import TuneScript  # noqa: E402,F401  (the webui finds Script classes here)
 
 register.setup()

@@ -1,9 +1,11 @@
 """The Tune tab's training plot: raw loss (light grey), its smoothed trend (blue, lib_tune.train.plot's EMA)
 and the learning rate (orange) on a second axis at the right, drawn with PIL alone (the webui's environment has
 no matplotlib). Pure: returns a PIL image; non-finite losses are left out of the scale and the lines (a NaN loss
-is reported elsewhere, it must not blank the whole plot)."""
+is reported elsewhere, it must not blank the whole plot). Text uses a common TrueType font when one is
+installed (readable when the browser scales the image down), else PIL's built-in bitmap font."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -14,6 +16,20 @@ SMOOTH = (30, 90, 200)
 LR = (230, 120, 20)
 INK = (0, 0, 0)
 GRID = (232, 232, 232)
+#: plot area margins (left, right, top, bottom): axis labels live outside the area, lines inside
+MARGINS = (62, 78, 30, 38)
+_FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "Arial.ttf", "arial.ttf", "Helvetica.ttc")
+
+
+@functools.lru_cache(maxsize=4)
+def _font(size: int):
+    from PIL import ImageFont
+    for name in _FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except (OSError, ValueError):
+            continue
+    return ImageFont.load_default()
 
 
 def _range(values: Sequence[float]) -> Optional[Tuple[float, float]]:
@@ -42,31 +58,44 @@ def _segments(points: List[Optional[Tuple[float, float]]]) -> List[List[Tuple[fl
     return runs
 
 
-def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(720, 300),
+def plot_area(size) -> Tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the area the lines are drawn in."""
+    left, right, top, bottom = MARGINS
+    return left, top, size[0] - right, size[1] - bottom
+
+
+def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(640, 280),
                   title: str = "training loss", first_step: int = 1):
     """The plot as a PIL RGB image of `size`. Entry i of `losses` is training step first_step + i; when one
     list is shorter (a resumed job keeps its earlier losses but logs learning rates from the resume on), it is
     aligned to the last steps."""
     from PIL import Image, ImageDraw
 
+    font = _font(12)
     w, h = size
-    left, right, top, bottom = 64, 70, 26, 34
-    x0, x1, y0, y1 = left, w - right, top, h - bottom
+    x0, y0, x1, y1 = plot_area(size)
     img = Image.new("RGB", size, (255, 255, 255))
     d = ImageDraw.Draw(img)
+
+    def text_w(s: str) -> int:
+        return int(d.textlength(s, font=font))
+
     for i in range(1, 4):
         y = y0 + (y1 - y0) * i / 4
         d.line([(x0, y), (x1, y)], fill=GRID)
     d.rectangle([x0, y0, x1, y1], outline=INK)
-    d.text((x0, 7), title, fill=INK)
-    d.text((x1 - 190, 7), "raw", fill=RAW)
-    d.text((x1 - 160, 7), "smoothed", fill=SMOOTH)
-    d.text((x1 - 100, 7), "learning rate", fill=LR)
+    d.text((x0, 8), title, fill=INK, font=font)
+    x = x1
+    for label, color in (("learning rate", LR), ("smoothed", SMOOTH), ("raw", RAW)):
+        x -= text_w(label)
+        d.text((x, 8), label, fill=color, font=font)
+        x -= 12
     losses = [float(v) for v in losses]
     lrs = [float(v) for v in lrs]
     n = max(len(losses), len(lrs))
     if n == 0:
-        d.text(((x0 + x1) // 2 - 40, (y0 + y1) // 2), "no steps yet", fill=INK)
+        msg = "no steps yet"
+        d.text(((x0 + x1 - text_w(msg)) // 2, (y0 + y1) // 2 - 6), msg, fill=INK, font=font)
         return img
 
     def x_of(i: int) -> float:
@@ -91,19 +120,17 @@ def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(720,
             smoothed.append(next(it) if math.isfinite(v) else float("nan"))
         line(losses, loss_rng, RAW, 1)
         line(smoothed, loss_rng, SMOOTH, 2)
-        d.text((4, y0 - 5), f"{loss_rng[1]:.3g}", fill=SMOOTH)
-        d.text((4, y1 - 8), f"{loss_rng[0]:.3g}", fill=SMOOTH)
-        d.text((4, (y0 + y1) // 2 - 5), "loss", fill=SMOOTH)
+        for label, y in ((f"{loss_rng[1]:.3g}", y0), (f"{loss_rng[0]:.3g}", y1), ("loss", (y0 + y1) // 2)):
+            d.text((x0 - 6 - text_w(label), y - 7), label, fill=SMOOTH, font=font)
     lr_rng = _range(lrs)
     if lr_rng:
         lo, hi = lr_rng
         lr_rng = (min(lo, 0.0), hi) if lo >= 0 else lr_rng  # learning rates read best from 0
         line(lrs, lr_rng, LR, 2)
-        d.text((x1 + 6, y0 - 5), f"{lr_rng[1]:.2e}", fill=LR)
-        d.text((x1 + 6, y1 - 8), f"{lr_rng[0]:.2g}", fill=LR)
-        d.text((x1 + 6, (y0 + y1) // 2 - 5), "LR", fill=LR)
-    d.text((x0, y1 + 6), str(first_step), fill=INK)
+        for label, y in ((f"{lr_rng[1]:.2e}", y0), (f"{lr_rng[0]:.2g}", y1), ("LR", (y0 + y1) // 2)):
+            d.text((x1 + 6, y - 7), label, fill=LR, font=font)
     last = str(first_step + n - 1)
-    d.text((x1 - 7 * len(last), y1 + 6), last, fill=INK)
-    d.text(((x0 + x1) // 2 - 12, y1 + 18), "step", fill=INK)
+    d.text((x0, y1 + 4), str(first_step), fill=INK, font=font)
+    d.text((x1 - text_w(last), y1 + 4), last, fill=INK, font=font)
+    d.text(((x0 + x1 - text_w("step")) // 2, y1 + 18), "step", fill=INK, font=font)
     return img

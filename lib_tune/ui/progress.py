@@ -16,7 +16,9 @@ INFOS_PER_CODE = 3
 _COLORS = {"queued": "#888", "running": "#2a7ae2", "done": "#2e9d4a", "failed": "#d33", "interrupted": "#d98b00"}
 _polls = itertools.count(1)
 
+# polls replace the read-outs every 1.5 s: gradio's "pending" dimming of outputs would make them flicker
 _STYLE = """<style>
+#tune_progress .pending,#tune_log .pending{opacity:1!important}
 .tune-progress{padding:8px 0}
 .tune-bar{height:14px;border-radius:7px;background:rgba(128,128,128,.25);overflow:hidden;margin:6px 0}
 .tune-bar>div{height:100%;background:#2a7ae2;transition:width .4s}

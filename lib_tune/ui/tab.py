@@ -183,9 +183,10 @@ def build() -> gr.Blocks:
                     interrupt_btn = gr.Button("Interrupt", elem_id="tune_interrupt", visible=False)
                     use_btn = gr.Button("Use it", variant="primary", elem_id="tune_use", visible=False)
                     resume_btn = gr.Button("Resume", elem_id="tune_resume", visible=False)
-                gallery = gr.Gallery(label="Samples", elem_id="tune_gallery", columns=4, height="auto",
+                gallery = gr.Gallery(label="Samples", elem_id="tune_gallery", columns=4, height=240,
                                      object_fit="contain")
-                plot = gr.Image(label="Loss and learning rate", type="pil", interactive=False, elem_id="tune_plot")
+                plot = gr.Image(label="Loss and learning rate", show_label=False, type="pil", interactive=False,
+                                elem_id="tune_plot")
                 log = gr.HTML(events_html(None), elem_id="tune_log")
         poll_btn = gr.Button(visible=False, elem_id="tune_poll")
         use_value = gr.Textbox(visible=False, elem_id="tune_use_value")
@@ -223,13 +224,13 @@ def build() -> gr.Blocks:
             return (message_html("The dataset is ready." if ok else "The dataset has errors (see below).", ok=ok),
                     report_html(rep)) + api
 
-        def start(body, seen_state, what):
+        def start(body, seen_state, verb="start", done="Started"):
             try:
                 _jobs().start(body)
             except ConfigError as e:
-                return (_config_error(f"Cannot {what}", e),) + _readout(_current_job(), seen_state)
+                return (_config_error(f"Cannot {verb}", e),) + _readout(_current_job(), seen_state)
             job = _current_job()
-            return (message_html(f"{what.capitalize()}ed job {job['id']}."),) + _readout(job, seen_state)
+            return (message_html(f"{done} job {job['id']}."),) + _readout(job, seen_state)
 
         def on_start(seen_state, *args):
             job = job_from(args)
@@ -239,7 +240,7 @@ def build() -> gr.Blocks:
             job = _current_job()
             if job is None:
                 return (message_html("No job to resume.", ok=False),) + _readout(None, seen_state)
-            return start(form.resume_body(job["config"]), seen_state, "resum")
+            return start(form.resume_body(job["config"]), seen_state, "resume", "Resumed")
 
         def on_interrupt(seen_state):
             jobs = _jobs()

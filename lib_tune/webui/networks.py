@@ -114,6 +114,7 @@ class ExtraNetworkTune(extra_networks.ExtraNetwork):
         for w in act.warnings:
             warn(w)
         self._register_embeddings(act.embeddings)
+        self.pending_embeddings = act.embeddings
         if act.active:
             p.extra_generation_params["Tune"] = tune_infotext.format_adapters([a.request for a in act.active])
             if getattr(shared.opts, "tune_hashes_to_infotext", True):
@@ -123,6 +124,16 @@ class ExtraNetworkTune(extra_networks.ExtraNetwork):
     def deactivate(self, p):
         runtime().deactivate()
         self._unregister_embeddings()
+        self.pending_embeddings = {}
+
+    def reassert_embeddings(self):
+        """Register our bundled embeddings again after every extra network has activated: the built-in Lora
+        unregisters the bundled embeddings of its previous generation by name when it activates, which would
+        drop ours if it runs after us (called from the always-on script's process_batch)."""
+        pending = getattr(self, "pending_embeddings", None)
+        if pending:
+            self._registered_embeddings = []
+            self._register_embeddings(pending)
 
     def _register_embeddings(self, embeddings: Dict[str, object]):
         if not embeddings:
@@ -170,11 +181,21 @@ def on_infotext_pasted(infotext, d):
         log.warning("could not restore tune tags from infotext: %s", e)
 
 
+_instances: List[ExtraNetworkTune] = []
+
+
+def reassert_embeddings():
+    for net in _instances:
+        net.reassert_embeddings()
+
+
 def register_extra_network():
     net = ExtraNetworkTune("tune")
+    _instances[:] = [net]
     extra_networks.register_extra_network(net)
     if getattr(shared.opts, "tune_handle_lora_tags", False):
         lora = ExtraNetworkTune("lora")
+        _instances.append(lora)
         extra_networks.register_extra_network(lora)
         extra_networks.register_extra_network_alias(lora, "lyco")
         print("[sd-webui-tune] serving <lora:...> and <lyco:...> tags (setting 'Also handle <lora:...> tags')")
