@@ -147,7 +147,14 @@ class TrainConfig:
             if data.get(key) in (None, "", 0):
                 raise ConfigError(key, "is required")
         method = data.get("method")
-        _check_choice("method", method, METHODS)
+        if method == "dreambooth":
+            # DreamBooth-style LoRA: a LoRA with prior preservation, from class images when a folder is given,
+            # else from the base model's own prediction (adapter off) as the prior target
+            data = dict(data, method="lora")
+            data.setdefault("prior", "class_images" if data.get("class_dir") else "base_prediction")
+            data.setdefault("preset", "object")
+            method = "lora"
+        _check_choice("method", method, METHODS + ("dreambooth",))
         preset = data.get("preset") or _DEFAULT_PRESET.get(method, "character")
         _check_choice("preset", preset, TASK_PRESETS)
         values: Dict[str, Any] = dict(PRESET_VALUES[preset])

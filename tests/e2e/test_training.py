@@ -54,7 +54,8 @@ def test_invalid_configs_get_422_naming_the_field(webui, dataset):
         assert detail["field"] == field, detail
 
 
-@pytest.mark.parametrize("arch,method", [("sd1", "lora"), ("sd1", "loha"), ("sd1", "pivotal"), ("sdxl", "lora")])
+@pytest.mark.parametrize("arch,method", [("sd1", "lora"), ("sd1", "loha"), ("sd1", "pivotal"), ("sd1", "dreambooth"),
+                                         ("sdxl", "lora")])
 def test_trained_file_works_in_builtin_and_tune(webui, checkpoints, dataset, arch, method):
     webui.load_checkpoint(checkpoints[arch].name)
     before = webui.get("/tune/v1/model-hash")["sha256"]

@@ -59,7 +59,7 @@ def test_no_preset_ships_kohyas_raw_learning_rate():
 
 
 @pytest.mark.parametrize("over, field", [
-    (dict(method="dreambooth"), "method"),
+    (dict(method="dreamboat"), "method"),
     (dict(steps=-5), "steps"),
     (dict(steps="100"), "steps"),
     (dict(steps=True), "steps"),
@@ -110,3 +110,12 @@ def test_round_trips_through_json():
     c = cfg(method="locon", targets="full", conv_dim=8, conv_alpha=4, class_dir="/cls", prior="class_images")
     again = TrainConfig.from_dict(json.loads(json.dumps(c.to_dict())))
     assert again == c
+
+
+def test_dreambooth_is_lora_with_prior_preservation(tmp_path):
+    from lib_tune.train.config import TrainConfig
+    base = {"dataset": str(tmp_path), "method": "dreambooth", "steps": 30, "output_name": "x", "trigger": "x"}
+    c = TrainConfig.from_dict(base)
+    assert (c.method, c.prior, c.preset) == ("lora", "base_prediction", "object")
+    c = TrainConfig.from_dict(dict(base, class_dir=str(tmp_path)))
+    assert (c.method, c.prior) == ("lora", "class_images")
