@@ -12,7 +12,6 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 ADAPTER_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")

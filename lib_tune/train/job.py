@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .buckets import BucketConfig
 from .config import ConfigError, TrainConfig
-from .dataset import DatasetConfig, discover
+from .dataset import DatasetConfig
 from .validate import ValidationConfig, validate_dataset
 
 STATES = ("queued", "running", "done", "failed", "interrupted")

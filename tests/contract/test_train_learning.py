@@ -27,12 +27,7 @@ from tests.unit.train_fakes import model_fingerprint
 CAPTION = "a yellow square on purple"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# (one torch thread: the session-wide fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ ARCHS = {"tiny_ldm_sd1": ("sd1", "eps", ["clip_l"]), "tiny_ldm_sd2v": ("sd2", "v
          "tiny_sgm_sdxl": ("sdxl", "eps", ["clip_l", "clip_g"])}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# (one torch thread: the session-wide fixture in tests/conftest.py)
 
 
 @pytest.fixture(params=list(ARCHS))

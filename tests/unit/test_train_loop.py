@@ -13,12 +13,7 @@ from lib_tune.train.optim import lr_factor
 from tests.unit.train_fakes import FakeLDM, model_fingerprint, write_images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# (one torch thread: the session-wide fixture in tests/conftest.py)
 
 
 def make(tmp_path, callbacks=None, **over):

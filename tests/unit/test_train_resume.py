@@ -27,12 +27,7 @@ class KillAt(TrainerCallbacks):
             raise Kill(f"killed at {step}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# (one torch thread: the session-wide fixture in tests/conftest.py)
 
 
 def job(tmp_path, out: str, **over):
