@@ -25,8 +25,8 @@ _STYLE = """<style>
 .tune-state{display:inline-block;padding:1px 8px;border-radius:8px;color:#fff;font-weight:600}
 .tune-table{border-collapse:collapse;margin:4px 0}
 .tune-table td,.tune-table th{border:1px solid rgba(128,128,128,.35);padding:2px 8px;text-align:left}
-.tune-msg-error{color:#d33;font-weight:600}
-.tune-msg-ok{color:#2e9d4a;font-weight:600}
+.tune-msg-error{color:#d33!important;font-weight:600}
+.tune-msg-ok{color:#2e9d4a!important;font-weight:600}
 .tune-log{max-height:14em;overflow:auto;font-size:90%;margin:0;white-space:pre-wrap}
 </style>"""
 

@@ -13,6 +13,7 @@ file instead of writing a temporary copy every poll.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Dict, List, Optional
 
 import gradio as gr
@@ -99,7 +100,9 @@ def _plot(job: Dict[str, Any]):
     first = 1 + max(0, (job.get("step") or 0) - len(job.get("losses") or []))
     img = training_plot(job.get("losses") or [], job.get("lrs") or [], first_step=first,
                         title=f"{job.get('output_name')}: training loss")
-    img.save(path)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)  # another browser's poll may be serving this file right now: never a half-written one
     return _saved_image(path)
 
 
@@ -185,8 +188,8 @@ def build() -> gr.Blocks:
                     resume_btn = gr.Button("Resume", elem_id="tune_resume", visible=False)
                 gallery = gr.Gallery(label="Samples", elem_id="tune_gallery", columns=4, height=240,
                                      object_fit="contain")
-                plot = gr.Image(label="Loss and learning rate", show_label=False, type="pil", interactive=False,
-                                elem_id="tune_plot")
+                plot = gr.Image(label="Loss and learning rate", show_label=False, show_download_button=False,
+                                type="pil", interactive=False, elem_id="tune_plot")
                 log = gr.HTML(events_html(None), elem_id="tune_log")
         poll_btn = gr.Button(visible=False, elem_id="tune_poll")
         use_value = gr.Textbox(visible=False, elem_id="tune_use_value")

@@ -64,7 +64,9 @@ def _model_resolution() -> int:
 
 
 def validate(data: Dict[str, Any]) -> Dict[str, Any]:
-    cfg, _ = build_config(dict(data, overwrite=True))
+    """The dataset report for the same body POST /tune/v1/train takes (nothing starts)."""
+    body = {k: v for k, v in data.items() if k not in ("sample_prompts", "sample_steps")}
+    cfg, _ = build_config(dict(body, overwrite=True))
     return validate_config(cfg, _model_resolution())
 
 

@@ -34,6 +34,29 @@ def webui_path() -> Optional[Path]:
     return Path(p).resolve() if p else None
 
 
+def served_root(root: Path) -> Path:
+    """A webui folder gradio will serve files from. gradio 3.41 answers 403 for any file whose path has a folder
+    starting with '.', so a webui under ~/.cache would run without its own JavaScript (no UI at all in a
+    browser). Such a webui is mirrored once (about 9 MB: code and repositories, no models or venv) to a
+    dot-free folder in /tmp, refreshed when the source's launch.py changes."""
+    if not any(part.startswith(".") for part in root.parts[1:]):
+        return root
+    import hashlib
+    import tempfile
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    dest = Path(tempfile.gettempdir()) / f"sd-webui-tune-host-{key}" / "webui"
+    stamp = dest.parent / "stamp"
+    want = str((root / "launch.py").stat().st_mtime)
+    if not (stamp.exists() and stamp.read_text() == want):
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(root, dest, symlinks=True,
+                        ignore=shutil.ignore_patterns("venv", "outputs", "log", "__pycache__", "*.safetensors",
+                                                      "*.ckpt", "*.pth"))
+        stamp.write_text(want)
+    return dest
+
+
 def webui_python(root: Path) -> Path:
     if os.environ.get("SD_WEBUI_PYTHON"):
         return Path(os.environ["SD_WEBUI_PYTHON"])
@@ -66,8 +89,9 @@ class StartError(RuntimeError):
 class WebuiHost:
     def __init__(self, workdir: Path, ckpt_dir: Path, extension: bool = True, extra_args: Optional[List[str]] = None,
                  ckpt: Optional[Path] = None):
-        self.root = webui_path()
-        self.python = webui_python(self.root)
+        source = webui_path()
+        self.python = webui_python(source)
+        self.root = served_root(source)
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "data"
         self.ckpt_dir = Path(ckpt_dir)

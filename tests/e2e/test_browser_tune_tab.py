@@ -5,6 +5,7 @@ Waits are generous (the machine is a slow, shared 2-core CPU): each wait is for 
 a timing assertion.
 """
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -154,9 +155,24 @@ def test_status_validation_and_refusals(webui_js, dataset, output_dir):
         pg.screenshot(path=str(output_dir / "tune-tab-1-validated.png"), full_page=True)
 
 
-def test_train_watch_interrupt_resume_finish_and_use(webui_js, dataset, output_dir):
+@pytest.fixture
+def no_job_left(webui_js):
+    """However the test ends, no training job keeps running into the session's next tests."""
+    yield
+    for j in webui_js.get("/tune/v1/jobs"):
+        if j["state"] in ("queued", "running"):
+            webui_js.post(f"/tune/v1/jobs/{j['id']}/interrupt")
+    deadline = time.time() + 300
+    while time.time() < deadline and any(j["state"] in ("queued", "running") for j in webui_js.get("/tune/v1/jobs")):
+        time.sleep(1)
+
+
+def test_train_watch_interrupt_resume_finish_and_use(webui_js, dataset, output_dir, no_job_left):
     webui = webui_js
-    shot = lambda pg, name: pg.screenshot(path=str(output_dir / f"tune-tab-{name}.png"), full_page=True)  # noqa
+
+    def shot(pg, name):
+        pg.screenshot(path=str(output_dir / f"tune-tab-{name}.png"), full_page=True)
+
     with page(webui.url) as pg:
         open_tune_tab(pg)
         # a long run: progress moves, a sample and the plot appear
