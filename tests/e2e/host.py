@@ -260,3 +260,15 @@ def stop_all():
 
 
 atexit.register(stop_all)
+
+
+def _on_signal(signum, frame):
+    """SIGTERM/SIGHUP (a CI time-out, a killed test run) skip atexit: stop the webuis first, then die as asked."""
+    stop_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+for _sig in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_sig) in (signal.SIG_DFL, None):
+        signal.signal(_sig, _on_signal)
