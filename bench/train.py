@@ -114,7 +114,6 @@ def _rss_peak() -> int:
 
 def worker(ckpt: Path, yaml: Path, targets: str, steps: int, profile: str = "") -> dict:
     t_proc = time.monotonic()
-    import torch
     from omegaconf import OmegaConf
 
     import ldm.modules.attention as ldm_attention

@@ -78,15 +78,17 @@ class LoraModule(NetworkModule):
     def bypass(self, x: Tensor, module: torch.nn.Module, multiplier: float = 1.0,
                dyn_dim: Optional[int] = None) -> Tensor:
         """The adapter's output term for input x of `module` (a Linear or Conv2d) without building dW:
-        up(mid(down(x))) * multiplier * scale, the order of the built-in's functional forward. Equals
-        F.linear / F.conv2d of x with the delta at that multiplier (for conv, the module's stride, padding and
-        dilation go to the spatial factor: down, or mid when present)."""
+        up(mid(down(x)) * multiplier * scale). Equals F.linear / F.conv2d of x with the delta at that multiplier
+        (for conv, the module's stride, padding and dilation go to the spatial factor: down, or mid when present)."""
         if not self.can_bypass:
             raise ValueError("this LoRA has dora_scale or bias; merge it instead of bypassing")
         up, down, mid = (self.w(k, x.device) for k in (UP, DOWN, MID))
         up, down = up.to(x.dtype), down.to(x.dtype)
         if dyn_dim is not None and mid is None:
             up, down = up[:, :dyn_dim], down[:dyn_dim]
+        # the scale goes on the rank-r intermediate, not on the output: the same value up to rounding, with an
+        # elementwise pass over r channels instead of two over the layer's full output (training's hot path)
+        s = multiplier * self.calc_scale()
         if isinstance(module, torch.nn.Conv2d):
             kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
             down4, up4 = _as_conv(down), _as_conv(up)
@@ -97,10 +99,8 @@ class LoraModule(NetworkModule):
                 h = F.conv2d(x, down4, **kw)
             else:
                 h = F.conv2d(F.conv2d(x, down4), mid.to(x.dtype), **kw)
-            h = F.conv2d(h, up4)
-        else:
-            h = F.linear(F.linear(x, down.reshape(down.shape[0], -1)), up.reshape(up.shape[0], -1))
-        return h * multiplier * self.calc_scale()
+            return F.conv2d(h * s, up4)
+        return F.linear(F.linear(x, down.reshape(down.shape[0], -1)) * s, up.reshape(up.shape[0], -1))
 
 
 def _as_conv(w: Tensor) -> Tensor:

@@ -15,11 +15,10 @@ from lib_tune.algos.norm import NormModule
 from lib_tune.formats.model import AdapterFile
 from lib_tune.inject import Injector, activate, find_targets, map_adapter
 from lib_tune.inject.mapping import _weight_of
+from tests.fixtures import adapters
 
 ARCH = {"tiny_ldm_sd1": "sd1", "tiny_ldm_sd2v": "sd2", "tiny_sgm_sdxl": "sdxl"}
 TE, UNET = 0.8, 0.6
-_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "in_layers_0": "norm1", "out_layers_0": "norm2",
-           "emb_layers_1": "time_emb_proj", "skip_connection": "conv_shortcut"}
 
 
 @pytest.fixture(params=list(ARCH))
@@ -66,41 +65,9 @@ def unet_ldm_keys(t):
 
 
 def diffusers_name(layer):
-    """The kohya diffusers-style name of an SD1/SD2 UNet layer, or None where the built-in's arithmetic has none."""
-    body = layer[len("diffusion_model_"):]
-    simple = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
-              "time_embed_2": "time_embedding_linear_2"}
-    if body in simple:
-        return "lora_unet_" + simple[body]
-    m = re.fullmatch(r"(input|output)_blocks_(\d+)_(\d+)_(.+)", body)
-    if m:
-        side, n, k, rest = m[1], int(m[2]), int(m[3]), m[4]
-        if side == "input":
-            if n % 3 == 0 and k == 0 and rest == "op":
-                return f"lora_unet_down_blocks_{n // 3 - 1}_downsamplers_0_conv"
-            b, i = divmod(n - 1, 3)
-            if i == 2:
-                return None
-            return _resnet_or_attn(f"down_blocks_{b}", i, k, rest)
-        b, i = divmod(n, 3)
-        if rest == "conv" and i == 2 and k == (2 if b > 0 else 1):
-            return f"lora_unet_up_blocks_{b}_upsamplers_0_conv"
-        return _resnet_or_attn(f"up_blocks_{b}", i, k, rest)
-    m = re.fullmatch(r"middle_block_(\d+)_(.+)", body)
-    if m:
-        n, rest = int(m[1]), m[2]
-        if n == 1:
-            return f"lora_unet_mid_block_attentions_0_{rest}"
-        return _resnet_or_attn("mid_block", n // 2, 0, rest, mid=True)
-    return None
-
-
-def _resnet_or_attn(block, i, k, rest, mid=False):
-    if k == 1:
-        return f"lora_unet_{block}_attentions_{i}_{rest}"
-    if k == 0 and rest in _RESNET:
-        return f"lora_unet_{block}_resnets_{i}_{_RESNET[rest]}"
-    return None
+    """The kohya diffusers-style name of an SD1/SD2 UNet layer (the fixtures' inverse of the built-in's block
+    arithmetic, itself checked against the built-in in test_inject_builtin_names), or None where there is none."""
+    return adapters.diffusers_key("lora_unet_" + layer[len("diffusion_model_"):])
 
 
 def net_for(shape, i, is_norm):
