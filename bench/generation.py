@@ -4,7 +4,8 @@ and checkpoint (the tiny SD1 by default; pass a real checkpoint with --ckpt for 
 Prints, for each engine: (a) seconds per generation with 1 and with 4 adapters (steady state: the same prompt
 again), (b) the cost of changing the adapter set between two generations (alternating two sets, minus the steady
 state), (c) peak resident memory of the webui process above its idle level; and the ratios tune / built-in.
-Each engine runs in its own fresh webui process so that memory and caches do not mix.
+Each engine runs in its own fresh webui process so that memory and caches do not mix; the two run side by side and
+every measurement alternates between them (paired samples), so that a busy spell of the machine hits both alike.
 
 usage: SD_WEBUI_PATH=... python bench/generation.py [--repeats N] [--steps S] [--size PX] [--ckpt FILE]
 """
@@ -59,36 +60,35 @@ def timed(h, prompt, args):
     return time.perf_counter() - t
 
 
-def run_engine(net, names, args, work, ckpt):
+def start_engine(net, names, work, ckpt):
     h = webui_host.WebuiHost(work, ckpt.parent, extension=True, ckpt=ckpt)
     h.lora_dir.mkdir(parents=True, exist_ok=True)
-    for n, p in names.items():
+    for p in names.values():
         (h.lora_dir / p.name).write_bytes(p.read_bytes())
     h.start()
-    try:
-        h.set_options(live_previews_enable=False, show_progress_type="Approx cheap")
-        h.post("/sdapi/v1/refresh-loras")
-        h.post("/tune/v1/refresh")
-        stems = [p.stem for p in names.values()]
-        base = "a photo of a cat"
-        one = base + f" <{net}:{stems[0]}:0.8>"
-        four = base + "".join(f" <{net}:{s}:0.5>" for s in stems[:4])
-        set_a = base + "".join(f" <{net}:{s}:0.5>" for s in stems[:2])
-        set_b = base + "".join(f" <{net}:{s}:0.5>" for s in stems[2:4])
-        with PeakRss(h.proc.pid) as mem:
-            res = {}
-            for label, prompt in (("none", base), ("one", one), ("four", four)):
-                timed(h, prompt, args)  # warm-up: the first use loads files and merges
-                res[label] = statistics.median(timed(h, prompt, args) for _ in range(args.repeats))
-            timed(h, set_a, args)
-            timed(h, set_b, args)
-            switch = [timed(h, set_a if i % 2 else set_b, args) for i in range(args.repeats)]
-            steady = statistics.median(timed(h, set_a, args) for _ in range(args.repeats))
-            res["switch"] = max(0.0, statistics.median(switch) - steady)
-        res["peak_mb"] = (mem.peak - mem.base) / 2 ** 20
-        return res
-    finally:
-        h.stop()
+    h.set_options(live_previews_enable=False, show_progress_type="Approx cheap")
+    h.post("/sdapi/v1/refresh-loras")
+    h.post("/tune/v1/refresh")
+    return h
+
+
+def prompts(net, stems):
+    base = "a photo of a cat"
+    return {"none": base, "one": base + f" <{net}:{stems[0]}:0.8>",
+            "four": base + "".join(f" <{net}:{s}:0.5>" for s in stems[:4]),
+            "set_a": base + "".join(f" <{net}:{s}:0.5>" for s in stems[:2]),
+            "set_b": base + "".join(f" <{net}:{s}:0.5>" for s in stems[2:4])}
+
+
+def paired(hosts, fn, repeats):
+    """fn(net, host, i) timed on each engine in turn, the order alternating per repeat (paired samples: a slow
+    spell of the machine hits both engines alike)."""
+    out = {net: [] for net in hosts}
+    nets = list(hosts)
+    for i in range(repeats):
+        for net in (nets if i % 2 == 0 else nets[::-1]):
+            out[net].append(fn(net, hosts[net], i))
+    return out
 
 
 def main():
@@ -107,11 +107,35 @@ def main():
         ckpt = args.ckpt or tiny_models.write_checkpoint("sd1", tmp / "ckpt", seed=0)
         corpus = adapters.write_corpus("sd1", ckpt, tmp / "corpus", seed=0)
         picked = {k: corpus[k] for k in ("lora", "locon", "loha", "lokr")}
-        results = {}
-        for net in ("lora", "tune"):
-            results[net] = run_engine(net, picked, args, tmp / f"w-{net}", ckpt)
-    b, t = results["lora"], results["tune"]
-    print(f"checkpoint {ckpt.name}, {args.size}px, {args.steps} steps, median of {args.repeats}")
+        stems = [p.stem for p in picked.values()]
+        hosts, mems = {}, {}
+        try:
+            # both webuis run side by side (each its own process, memory and caches); timings alternate
+            for net in ("lora", "tune"):
+                hosts[net] = start_engine(net, picked, tmp / f"w-{net}", ckpt)
+            for net, h in hosts.items():
+                mems[net] = PeakRss(h.proc.pid).__enter__()
+            res = {net: {} for net in hosts}
+            for label in ("none", "one", "four"):
+                # warm-up: the first use loads files and merges
+                paired(hosts, lambda net, h, i: timed(h, prompts(net, stems)[label], args), 1)
+                times = paired(hosts, lambda net, h, i: timed(h, prompts(net, stems)[label], args), args.repeats)
+                for net in hosts:
+                    res[net][label] = statistics.median(times[net])
+            paired(hosts, lambda net, h, i: (timed(h, prompts(net, stems)["set_a"], args),
+                                             timed(h, prompts(net, stems)["set_b"], args)), 1)
+            switch = paired(hosts, lambda net, h, i: timed(h, prompts(net, stems)["set_a" if i % 2 else "set_b"],
+                                                           args), args.repeats)
+            steady = paired(hosts, lambda net, h, i: timed(h, prompts(net, stems)["set_a"], args), args.repeats)
+            for net in hosts:
+                res[net]["switch"] = max(0.0, statistics.median(switch[net]) - statistics.median(steady[net]))
+                mems[net].__exit__(None, None, None)
+                res[net]["peak_mb"] = (mems[net].peak - mems[net].base) / 2 ** 20
+        finally:
+            for h in hosts.values():
+                h.stop()
+    b, t = res["lora"], res["tune"]
+    print(f"checkpoint {ckpt.name}, {args.size}px, {args.steps} steps, median of {args.repeats} paired runs")
     print(f"{'':28s}{'built-in':>12s}{'tune':>12s}{'ratio':>9s}")
     for key, label in (("none", "no adapter (s/gen)"), ("one", "1 adapter (s/gen)"), ("four", "4 adapters (s/gen)"),
                        ("switch", "set change (extra s)"), ("peak_mb", "peak RSS above idle (MB)")):
