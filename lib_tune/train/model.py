@@ -124,6 +124,14 @@ class DiffusionModel:
     def num_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
+    @property
+    def text_is_deterministic(self) -> bool:
+        """Whether a caption always gives the same conditioning (False when sgm's conditioner drops it at random:
+        embedders with ucg_rate > 0)."""
+        if not self.is_sdxl:
+            return True
+        return all(not float(getattr(e, "ucg_rate", 0.0) or 0.0) for e in self.sd_model.conditioner.embedders)
+
     def text_encoder_modules(self) -> List[torch.nn.Module]:
         """The text-encoder modules as the model holds them (wrapped in the webui)."""
         if self.is_sdxl:
