@@ -77,3 +77,43 @@ function tune_use_it(text) {
     switch_to_txt2img();
     return [text];
 }
+
+// The webui's Train tab links to the Tune tab: a button at the top of #tab_train.
+function tune_switch_to_tune_tab() {
+    var tabs = gradioApp().querySelector('#tabs');
+    if (!tabs) return;
+    var buttons = tabs.querySelectorAll(':scope > .tab-nav > button');
+    var items = Array.prototype.filter.call(tabs.children, function(el) {
+        return el.classList.contains('tabitem');
+    });
+    // gradio 3.41 keeps the nav buttons in the order of the tab items; the label is the fallback
+    var i = items.indexOf(gradioApp().getElementById('tab_tune_tab'));
+    var button = i >= 0 && i < buttons.length && buttons[i].textContent.trim() === 'Tune' ? buttons[i] : null;
+    if (!button) {
+        button = Array.prototype.find.call(buttons, function(b) {
+            return b.textContent.trim() === 'Tune';
+        });
+    }
+    if (button) button.click();
+}
+
+onUiLoaded(function() {
+    var train = gradioApp().getElementById('tab_train');
+    if (!train || !gradioApp().getElementById('tab_tune_tab') || gradioApp().getElementById('tune_train_link')) return;
+    var row = document.createElement('div');
+    row.id = 'tune_train_link_row';
+    row.style.margin = '0 0 0.7em 0';
+    var button = document.createElement('button');
+    button.id = 'tune_train_link';
+    button.type = 'button';
+    button.className = 'lg secondary gradio-button';
+    button.style.cssText = 'padding: 0.5em 1.2em; font-weight: 600; cursor: pointer; ' +
+        'border: 1px solid var(--button-secondary-border-color); border-radius: var(--button-large-radius); ' +
+        'background: var(--button-secondary-background-fill); color: var(--button-secondary-text-color);';
+    button.textContent = 'Train LoRA / LyCORIS / TI with sd-webui-tune \u2192';
+    button.title = 'Open the Tune tab (sd-webui-tune): LoRA, LoCon, LoHa, LoKr, DoRA, textual inversion and pivotal ' +
+        'tuning on the loaded checkpoint';
+    button.addEventListener('click', tune_switch_to_tune_tab);
+    row.appendChild(button);
+    train.insertBefore(row, train.firstChild);
+});

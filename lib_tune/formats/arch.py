@@ -1,18 +1,34 @@
 """Which model family an adapter was trained for: "sd1", "sd2", "sdxl" or None.
 
 Evidence, strongest first: the input width of the UNet's cross-attention k/v (the text-embedding width: 768 SD1,
-1024 SD2, 2048 SDXL); two text encoders (`lora_te1_`/`lora_te2_`); the metadata kohya and the SAI model spec write
-(`ss_base_model_version`, `ss_v2`, `modelspec.architecture`); the width of a lone text encoder (768 CLIP-L,
-1024 OpenCLIP-H); finally any kohya `ss_*` metadata without an SD2/SDXL mark means SD1 (the webui's rule).
+1024 SD2, 2048 SDXL); a second text encoder (`lora_te2_`); the UNet's block structure (SDXL has no attention on
+its first level and deeper transformer stacks, SD1/SD2 have attention from the first level on); the metadata
+kohya and the SAI model spec write (`ss_base_model_version`, `ss_v2`, `modelspec.architecture`); the width of a
+lone text encoder (768 CLIP-L, 1024 OpenCLIP-H); finally any kohya `ss_*` metadata without an SD2/SDXL mark means
+SD1 (the webui's rule).
+
+A `lora_te1_` prefix alone is no evidence: some SD1 trainers write it, and the built-in Lora maps it on SD1 (to
+the CLIP text encoder) as on SDXL (to its CLIP-L); only a `lora_te2_` module says SDXL. A file with `lora_te1_`
+and an SD1/SD2-shaped UNet is SD1 (CLIP-L is SD1's encoder; SD2's OpenCLIP is written `lora_te_`).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+import re
+from typing import Dict, Mapping, Optional, Tuple
 
 from ..algos.base import NetworkModule
 
 CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TE_WIDTH = {768: "sd1", 1024: "sd2"}
+
+#: UNet modules only SDXL has: more than one transformer block per attention (depth 2 and 10), the class/size
+#: embedding (label_emb). (Attention on diffusers up_blocks_0 is SDXL-only in full-size models, but a two-level
+#: SD1 UNet, as the tests' tiny ones, has it too.)
+_SDXL_UNET = re.compile(r"lora_unet_(.*_transformer_blocks_[1-9]\d*_|label_emb_)")
+#: UNet modules SDXL has not: attention on the first level (ldm input_blocks_1/2_1, diffusers down_blocks_0 and the
+#: last up block up_blocks_3), a fourth level (input/output_blocks_9-11, down/up_blocks_3)
+_SD_UNET = re.compile(r"lora_unet_(input_blocks_[12]_1_|input_blocks_(9|1[01])_|output_blocks_(9|1[01])_"
+                      r"|down_blocks_0_attentions_|down_blocks_3_|up_blocks_3_)")
 
 
 def from_metadata(metadata: Mapping[str, str]) -> Optional[str]:
@@ -31,21 +47,37 @@ def from_metadata(metadata: Mapping[str, str]) -> Optional[str]:
 
 
 def guess_architecture(modules: Dict[str, NetworkModule], metadata: Mapping[str, str]) -> Optional[str]:
+    return explain_architecture(modules, metadata)[0]
+
+
+def explain_architecture(modules: Dict[str, NetworkModule],
+                         metadata: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    """(architecture or None, the evidence that decided it, in words for messages)."""
     for name, module in modules.items():
         if name.startswith("lora_unet_") and name.endswith(("attn2_to_k", "attn2_to_v")):
             arch = CROSS_ATTN_WIDTH.get(module.in_dim())
             if arch:
-                return arch
-    if any(name.startswith(("lora_te1_", "lora_te2_")) for name in modules):
-        return "sdxl"
+                return arch, f"cross-attention context width {module.in_dim()} ({name})"
+    te2 = [n for n in modules if n.startswith("lora_te2_")]
+    if te2:
+        return "sdxl", f"{len(te2)} modules of a second text encoder (lora_te2_)"
+    xl = next((n for n in modules if _SDXL_UNET.match(n)), None)
+    sd = next((n for n in modules if _SD_UNET.match(n)), None)
+    if xl and not sd:
+        return "sdxl", f"SDXL UNet structure ({xl})"
     arch = from_metadata(metadata)
     if arch:
-        return arch
+        key = next(k for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture")
+                   if k in metadata and from_metadata({k: metadata[k]}) == arch)
+        return arch, f"{key}={metadata[key]}"
     for name, module in modules.items():
         if name.startswith("lora_te_") and name.endswith(("q_proj", "k_proj", "v_proj", "mlp_fc1")):
             arch = TE_WIDTH.get(module.in_dim())
             if arch:
-                return arch
+                return arch, f"text encoder width {module.in_dim()} ({name})"
+    if sd and not xl and any(n.startswith("lora_te1_") for n in modules):
+        # CLIP-L named lora_te1_ over an SD-shaped UNet: an SD1 file from a trainer that numbers its one encoder
+        return "sd1", f"SD1 UNet structure ({sd}) with one CLIP text encoder (lora_te1_, no lora_te2_)"
     if any(k.startswith("ss_") for k in metadata):
-        return "sd1"
-    return None
+        return "sd1", "kohya ss_* metadata without an SD2/SDXL mark"
+    return None, "no evidence"

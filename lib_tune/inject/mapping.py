@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..algos.base import NetworkModule
+from ..formats.arch import explain_architecture
 from ..formats.model import AdapterFile
 from .names import resolve
 from .targets import Targets
@@ -149,13 +150,16 @@ def _check_shape(e: MappedEntry) -> str:
 
 def _evidence(adapter: AdapterFile) -> str:
     md = adapter.metadata or {}
+    arch, why = explain_architecture(adapter.modules, md)
+    if arch and arch == adapter.architecture:
+        return why
     for k in ("modelspec.architecture", "ss_base_model_version"):
         if md.get(k):
             return f"{k}={md[k]}"
     if md.get("ss_v2") == "True":
         return "ss_v2=True"
     keys = list(adapter.modules)
-    for prefix in ("lora_te1_", "lora_te2_", "lora_te_", "lora_unet_input_blocks", "lora_unet_down_blocks"):
+    for prefix in ("lora_te2_", "lora_te1_", "lora_te_", "lora_unet_input_blocks", "lora_unet_down_blocks"):
         n = sum(k.startswith(prefix) for k in keys)
         if n:
             return f"{n} keys start with {prefix}"

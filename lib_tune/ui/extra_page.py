@@ -4,6 +4,7 @@ Cards insert `<tune:name:weight>` (with the user's activation text and preferred
 metadata editor), show the file's `ss_*`/`modelspec.*` metadata, and are hidden when made for another SD version
 than the loaded model (unless the webui's "show all" setting for Lora is on).
 """
+import json
 import os
 import sys
 
@@ -13,6 +14,21 @@ from modules.ui_extra_networks import quote_js
 from ..webui import networks
 
 _VERSION_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def webui_metadata(metadata):
+    """A file's metadata as the webui holds it (sd_models.read_metadata_from_safetensors): string values that are
+    JSON objects parsed (ss_tag_frequency, ss_dataset_dirs, ss_bucket_info), which the built-in Lora's metadata
+    editor reads as dicts (its ss_* table and training tags)."""
+    out = {}
+    for k, v in (metadata or {}).items():
+        out[k] = v
+        if isinstance(v, str) and v[0:1] == "{":
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                pass
+    return out
 
 
 def _model_version():
@@ -45,7 +61,7 @@ class ExtraNetworksPageTune(ui_extra_networks.ExtraNetworksPage):
             "description": self.find_description(path),
             "search_terms": search_terms,
             "local_preview": f"{path}.{shared.opts.samples_format}",
-            "metadata": entry.metadata,
+            "metadata": webui_metadata(entry.metadata),
             "sort_keys": {"default": index, **self.get_sort_keys(entry.path)},
             "sd_version": version,
         }

@@ -90,6 +90,17 @@ def _embedding_data(emb, sd_model) -> dict:
     return {"string_to_param": {"*": next(iter(v.values()))}}
 
 
+def _tag_names(p) -> Dict[int, str]:
+    """id(ExtraNetworkParams) -> the tag's network name as written (tune, lora, lyco): one instance serves them
+    all, and messages should name the tag the user wrote."""
+    out: Dict[int, str] = {}
+    for data in (getattr(p, "extra_network_data", None), getattr(p, "hr_extra_network_data", None)):
+        for name, params_list in (data or {}).items():
+            for params in params_list:
+                out[id(params)] = name
+    return out
+
+
 class ExtraNetworkTune(extra_networks.ExtraNetwork):
     def __init__(self, name: str = "tune"):
         super().__init__(name)
@@ -98,15 +109,17 @@ class ExtraNetworkTune(extra_networks.ExtraNetwork):
     def activate(self, p, params_list):
         rt = runtime()
         requests = []
+        tag_names = _tag_names(p)
         for params in params_list:
+            network = tag_names.get(id(params), self.name)
             try:
-                req = parse_params(params.items, network=self.name,
+                req = parse_params(params.items, network=network,
                                    default_weight=float(getattr(shared.opts, "tune_default_weight", 1.0)))
             except TagError as e:
                 warn(str(e))
                 continue
             if req.extra:
-                warn(f"<{self.name}:{req.raw}>: ignored unknown argument(s) {', '.join(req.extra)}")
+                warn(f"<{network}:{req.raw}>: ignored unknown argument(s) {', '.join(req.extra)}")
             requests.append(req)
         hires = bool(getattr(p, "is_hr_pass", False))
         self._unregister_embeddings()
@@ -193,16 +206,30 @@ def register_extra_network():
     net = ExtraNetworkTune("tune")
     _instances[:] = [net]
     extra_networks.register_extra_network(net)
-    if getattr(shared.opts, "tune_handle_lora_tags", False):
-        lora = ExtraNetworkTune("lora")
-        _instances.append(lora)
-        extra_networks.register_extra_network(lora)
-        extra_networks.register_extra_network_alias(lora, "lyco")
-        print("[sd-webui-tune] serving <lora:...> and <lyco:...> tags (setting 'Also handle <lora:...> tags')")
+
+
+def take_over_lora_tags(*_args):
+    """With the setting on, serve `<lora:>`/`<lyco:>`. Runs on app_started, not before_ui: the webui runs the
+    before_ui callbacks in reverse order of registration (script_callbacks.before_ui_callback), so the built-in
+    Lora's, registered before any extension's, runs last there and would register its own "lora" over ours.
+    app_started comes after before_ui on every start and UI reload, in the UI and in --nowebui mode alike.
+
+    The `tune` instance itself is registered under "lora" (and the alias "lyco"): the webui groups a batch's tags
+    by instance, so `<tune:a>` and `<lora:b>` reach one activate() together; two instances would each replace
+    the other's adapters in the one shared runtime."""
+    if not getattr(shared.opts, "tune_handle_lora_tags", False) or not _instances:
+        return
+    net = _instances[0]
+    if extra_networks.extra_network_registry.get("lora") is net:
+        return
+    extra_networks.extra_network_registry["lora"] = net
+    extra_networks.register_extra_network_alias(net, "lyco")
+    print("[sd-webui-tune] serving <lora:...> and <lyco:...> tags (setting 'Also handle <lora:...> tags')")
 
 
 def setup():
     script_callbacks.on_before_ui(register_extra_network, name="sd-webui-tune extra network")
+    script_callbacks.on_app_started(take_over_lora_tags, name="sd-webui-tune lora tags")
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="sd-webui-tune step weights")
     script_callbacks.on_infotext_pasted(on_infotext_pasted, name="sd-webui-tune infotext")
     script_callbacks.on_model_loaded(lambda _m: runtime().targets_of(shared.sd_model) if _runtime else None,

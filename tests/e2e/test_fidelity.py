@@ -2,8 +2,13 @@
 and SDXL checkpoints in a real webui, and the base weights are bit-identical afterwards.
 
 The worst pixel difference per case is written to test-output/e2e-fidelity.json.
+
+Also: a standalone textual inversion in the embeddings folder (.safetensors and .pt; SD1, and SDXL clip_l/clip_g)
+used by its name gives the same image, bit for bit, as the same webui without this extension (a second webui,
+started for that test), written to test-output/e2e-fidelity-ti.json.
 """
 import json
+import urllib.error
 
 import pytest
 
@@ -91,3 +96,90 @@ def test_bad_tags_warn_and_generation_goes_on(webui, checkpoints, corpora):
         assert max_abs_diff(first_image(r), base) == 0, tag
         new_lines = [line for line in webui.current_log()[n:].splitlines() if "[sd-webui-tune]" in line]
         assert any(words in line for line in new_lines), (tag, new_lines)
+
+
+# ---- textual inversion used by name: the webui's own path, untouched by this extension --------------------------
+TI_NAMES = {("sd1", "safetensors"): "tunetiplain", ("sd1", "pt"): "tunetipickle",
+            ("sdxl", "safetensors"): "tunetixlplain", ("sdxl", "pt"): "tunetixlpickle"}
+
+
+def _write_tis(folder):
+    """Standalone TI files for the tiny SD1 and SDXL models: kohya's .safetensors (``emb_params``; ``clip_l`` +
+    ``clip_g``) and the webui's own .pt layout (``string_to_param``; ``clip_l`` + ``clip_g``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.fixtures import adapters
+    for (arch, fmt), name in TI_NAMES.items():
+        path = adapters.write_ti(arch, folder, name, seed=len(name))
+        if fmt == "pt":
+            t = load_file(str(path))
+            path.unlink()
+            data = dict(t) if arch == "sdxl" else {
+                "string_to_token": {"*": 265}, "string_to_param": {"*": t["emb_params"]}, "name": name, "step": 0,
+                "sd_checkpoint": None, "sd_checkpoint_name": None}
+            torch.save(data, folder / f"{name}.pt")
+
+
+@pytest.fixture(scope="module")
+def ti_files(webui):
+    _write_tis(webui.embeddings_dir)
+    webui.post("/sdapi/v1/refresh-embeddings")
+    return TI_NAMES
+
+
+@pytest.fixture(scope="module")
+def plain_webui(tmp_path_factory, checkpoints):
+    """The same webui without this extension, with the same TI files: what the webui does on its own."""
+    from . import host as webui_host
+    work = tmp_path_factory.mktemp("webui-plain")
+    host = webui_host.WebuiHost(work, checkpoints["sd1"].parent, extension=False, ckpt=checkpoints["sd1"])
+    host.embeddings_dir.mkdir(parents=True, exist_ok=True)
+    _write_tis(host.embeddings_dir)
+    try:
+        host.start()
+        host.set_options(live_previews_enable=False, show_progress_type="Approx cheap")
+        with pytest.raises(urllib.error.HTTPError):  # the extension's API is not there
+            host.get("/tune/v1/status")
+        yield host
+    finally:
+        host.stop()
+
+
+def _ti_images(host, checkpoint, names):
+    """{name: (image, infotext)} for "a photo of NAME cat", plus the image without any TI under None."""
+    host.load_checkpoint(checkpoint)
+    host.post("/sdapi/v1/refresh-embeddings")
+    loaded = host.get("/sdapi/v1/embeddings")["loaded"]
+    missing = [n for n in names if n not in loaded]
+    assert not missing, f"embeddings not loaded: {missing}; loaded: {sorted(loaded)}"
+    out = {None: (first_image(host.txt2img("a photo of a cat", seed=3)), "")}
+    for name in names:
+        r = host.txt2img(f"a photo of {name} cat", seed=3)
+        out[name] = (first_image(r), json.loads(r["info"])["infotexts"][0])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_textual_inversion_by_name_equals_the_webui_without_extension(webui, plain_webui, checkpoints, ti_files,
+                                                                      arch, output_dir):
+    names = [n for (a, _), n in ti_files.items() if a == arch]
+    ours = _ti_images(webui, checkpoints[arch].name, names)
+    plain = _ti_images(plain_webui, checkpoints[arch].name, names)
+    # the two processes agree without any TI (else comparing them says nothing)
+    assert max_abs_diff(ours[None][0], plain[None][0]) == 0
+    report = {}
+    for name in names:
+        (img, info), (ref, ref_info) = ours[name], plain[name]
+        report[name] = {"max_abs_diff_vs_plain_webui": max_abs_diff(img, ref),
+                        "max_abs_diff_vs_no_ti": max_abs_diff(img, ours[None][0])}
+        assert report[name]["max_abs_diff_vs_no_ti"] > 0, f"{name}: the embedding did not change the image"
+        assert report[name]["max_abs_diff_vs_plain_webui"] == 0, f"{name}: differs from the webui without us"
+        assert f"TI hashes: \"{name}: " in info or f"TI hashes: {name}: " in info, info
+        ti = [p for p in info.split(", ") if p.startswith("TI hashes")]
+        assert ti == [p for p in ref_info.split(", ") if p.startswith("TI hashes")], (info, ref_info)
+        assert "Tune" not in info, info
+    path = output_dir / "e2e-fidelity-ti.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[arch] = report
+    path.write_text(json.dumps(data, indent=2))

@@ -202,3 +202,55 @@ def test_broken_files_raise_format_errors(tmp_path, kind):
                           "extension": b"hello"}[kind])
     with pytest.raises(AdapterFormatError, match="x\\."):
         load_adapter(str(path))
+
+
+# ---- lora_te1_ on SD1: some trainers number SD1's one text encoder; the built-in maps it to SD1's CLIP ------------
+SD1_UNET_NO_WIDTH = ("input_blocks_1_1_transformer_blocks_0_attn1_to_q", "input_blocks_2_1_proj_in",
+                     "output_blocks_9_1_transformer_blocks_0_ff_net_2")
+SD1_DIFFUSERS_NO_WIDTH = ("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                          "up_blocks_3_attentions_2_proj_out")
+
+
+def _te1(n=2, width=768):
+    t = {}
+    for i in range(n):
+        t.update(lora(f"lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj", width, width))
+    return t
+
+
+@pytest.mark.parametrize("unet", [SD1_UNET_NO_WIDTH, SD1_DIFFUSERS_NO_WIDTH], ids=["ldm", "diffusers"])
+def test_te1_with_sd1_unet_structure_is_sd1(tmp_path, unet):
+    t = _te1()
+    for k in unet:
+        t.update(lora("lora_unet_" + k, 8, 8))
+    af = load_adapter(write(tmp_path, t))
+    assert af.architecture == "sd1"
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in af.modules
+
+
+def test_te1_with_sd1_cross_attention_width_and_metadata_is_sd1(tmp_path):
+    t = {**_te1(), **lora("lora_unet_" + ATTN2_K, 8, 768)}
+    assert load_adapter(write(tmp_path, t, name="w.safetensors")).architecture == "sd1"
+    t = {**_te1(), **lora("lora_unet_input_blocks_4_1_proj_in", 8, 8)}
+    af = load_adapter(write(tmp_path, t, {"ss_base_model_version": "sd_v1"}, name="md.safetensors"))
+    assert af.architecture == "sd1"
+
+
+@pytest.mark.parametrize("extra,why", [
+    ({**lora("lora_te2_" + TE_Q, 1280, 1280)}, "second text encoder"),
+    ({**lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 8, 2048)}, "context width 2048"),
+    ({**lora("lora_unet_input_blocks_7_1_transformer_blocks_1_attn1_to_q", 8, 8)}, "SDXL UNet structure"),
+    ({**lora("lora_unet_label_emb_0_0", 8, 8)}, "SDXL UNet structure"),
+], ids=["te2", "width", "depth", "label_emb"])
+def test_te1_with_sdxl_evidence_is_still_sdxl(tmp_path, extra, why):
+    from lib_tune.formats.arch import explain_architecture
+    af = load_adapter(write(tmp_path, {**_te1(), **extra}))
+    assert af.architecture == "sdxl"
+    assert why in explain_architecture(af.modules, af.metadata)[1]
+
+
+def test_te1_alone_is_no_evidence(tmp_path):
+    """CLIP-L is the same encoder in SD1 and SDXL: without metadata a lora_te1_-only file fits both."""
+    assert load_adapter(write(tmp_path, _te1())).architecture is None
+    af = load_adapter(write(tmp_path, _te1(), {"ss_base_model_version": "sdxl_base_v1-0"}, name="xl.safetensors"))
+    assert af.architecture == "sdxl"

@@ -180,3 +180,45 @@ def test_sd2_te_keys_on_sd1_model_take_the_sd1_branch():
     mapped = map_adapter(adapter_for(t, {"lora_te_text_model_encoder_layers_0_mlp_fc1":
                                          ("transformer_text_model_encoder_layers_0_mlp_fc1", None)}), t)
     assert mapped.entries[0].layer == "transformer_text_model_encoder_layers_0_mlp_fc1"
+
+
+def _guessed(t, keys, path):
+    from lib_tune.formats.arch import guess_architecture
+    ad = adapter_for(t, keys, path=path)
+    ad.architecture = guess_architecture(ad.modules, ad.metadata)
+    return ad
+
+
+def test_sd1_file_with_te1_prefix_maps_on_sd1_like_the_builtin():
+    """kohya-style SD1 file whose text-encoder keys say lora_te1_: the built-in (networks.py load_network) looks
+    them up as transformer_text_model_... on SD1; so do we, and the guess does not call it SDXL."""
+    t = find_targets(sd1_model())
+    keys = {k: (v, None) for k, v in SD1_DIFFUSERS.items() if not k.startswith("lora_te_")}
+    keys.update({k.replace("lora_te_", "lora_te1_"): (v, None) for k, v in SD1_DIFFUSERS.items()
+                 if k.startswith("lora_te_")})
+    ad = _guessed(t, keys, "/x/sd1-te1.safetensors")
+    assert ad.architecture == "sd1"
+    mapped = map_adapter(ad, t)
+    assert not mapped.unmapped and not mapped.mismatched
+    got = {e.key: e.layer for e in mapped.entries}
+    assert got == {k: v for k, (v, _) in keys.items()}
+    te1 = {k for k in keys if k.startswith("lora_te1_")}
+    assert len(te1) == 3 and {e.key for e in mapped.entries if e.is_te} == te1
+    assert all(got[k].startswith("transformer_text_model_") for k in te1)
+
+
+def test_sdxl_file_on_sd1_is_still_refused_with_the_reason():
+    sdxl_t = find_targets(sdxl_model())
+    keys = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+            ("0_transformer_text_model_encoder_layers_0_self_attn_q_proj", None),
+        "lora_te2_text_model_encoder_layers_1_mlp_fc2": ("1_model_transformer_resblocks_1_mlp_c_proj", None),
+        "lora_unet_middle_block_1_proj_in": ("diffusion_model_middle_block_1_proj_in", None),
+    }
+    ad = _guessed(sdxl_t, keys, "/x/xl.safetensors")
+    assert ad.architecture == "sdxl"
+    assert map_adapter(ad, sdxl_t).n_mapped == 3
+    with pytest.raises(ArchitectureMismatch) as e:
+        map_adapter(ad, find_targets(sd1_model()))
+    msg = str(e.value)
+    assert "/x/xl.safetensors is for SDXL" in msg and "lora_te2_" in msg and "the loaded model is SD1" in msg
