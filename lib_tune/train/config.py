@@ -15,13 +15,16 @@ Preset values are the community's starting points collected in docs/training-anc
 - all: AdamW (torch; 8-bit/Prodigy optional), cosine schedule with 10% warmup, min-SNR gamma 5 (HOLO, CIV, KSS
   presets; not for ti, like the webui), batch 1, gradient clipping at 1.0 (kohya's default).
 Never kohya's raw LR default (2e-6, meant for full fine-tuning).
+
+Validation is off unless validation_count or validation_split holds images out (see the fields' comments and
+validation.py); validation_every and early_stopping_patience without a held-out set are errors, not no-ops.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .methods import CONV_METHODS, EMBEDDING_METHODS, METHODS, PRESETS
 from .optim import OPTIMIZERS, SCHEDULERS
@@ -33,7 +36,7 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 REQUIRED = ("dataset", "method", "steps", "output_name", "trigger")
 #: fields that may change between a run and its resume (they do not change what is computed)
 RESUMABLE_CHANGES = ("output_dir", "state_dir", "save_every", "keep_last", "save_dtype", "save_state",
-                     "sample_every", "save_on_stop", "latent_cache_dir")
+                     "sample_every", "save_on_stop", "latent_cache_dir", "cache_text_outputs", "keep_best")
 
 _COMMON = dict(optimizer="adamw", lr_scheduler="cosine", warmup_ratio=0.1, min_snr_gamma=5.0, batch_size=1,
                max_grad_norm=1.0)
@@ -79,6 +82,10 @@ class TrainConfig:
     default_caption: str = ""
     prior: str = "none"
     prior_loss_weight: float = 1.0
+    #: class images for prior "class_images": when > 0 (with a class_prompt), the webui generates the missing
+    #: ones before training with its own sampler (lib_tune/train/class_images.py), into class_dir or, without
+    #: one, a cache folder under its data dir
+    num_class_images: int = 0
     # ---- network ----
     targets: str = "attn_mlp"
     network_dim: int = 16
@@ -87,6 +94,9 @@ class TrainConfig:
     conv_alpha: Optional[float] = None
     lokr_factor: int = -1
     train_text_encoder: bool = False
+    #: a staged plan (lib_tune/train/stages.py): [{"targets", "steps", optional network_dim, network_alpha,
+    #: unet_lr, te_lr, name}, ...]; `steps` is then the stages' sum (from_dict derives it when omitted)
+    stages: Optional[List[dict]] = None
     # ---- embeddings (ti, pivotal) ----
     num_vectors: int = 1
     init_text: str = ""
@@ -125,6 +135,9 @@ class TrainConfig:
     caption_dropout: float = 0.0
     tag_dropout: float = 0.0
     latent_cache_dir: Optional[str] = None
+    #: keep text-encoder outputs across steps when nothing on the text side trains and captions are not augmented
+    #: (bit-identical results; lib_tune/train/text_cache.py)
+    cache_text_outputs: bool = True
     # ---- saving / previews ----
     save_every: int = 0
     keep_last: int = 3
@@ -132,6 +145,21 @@ class TrainConfig:
     save_state: bool = True
     save_on_stop: bool = True
     sample_every: int = 0
+    # ---- validation / early stopping ----
+    #: fraction of the training images (distinct images, not repeats) held out for validation, 0..0.5; never
+    #: class images; picked deterministically from the seed and the image paths
+    validation_split: float = 0.0
+    #: a number of images held out instead (overrides validation_split when > 0); one must stay for training
+    validation_count: int = 0
+    #: score the held-out set every N steps and at the end; 0 with a held-out set: max(1, steps // 10)
+    validation_every: int = 0
+    #: fixed timesteps per held-out image, evenly spread over the noise schedule (fixed noise too)
+    validation_timesteps: int = 4
+    #: evaluations without an improvement of more than early_stopping_min_delta before the run ends; 0: never
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    #: write <output_name>-best.safetensors whenever the validation loss improves
+    keep_best: bool = True
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -143,6 +171,10 @@ class TrainConfig:
         for key in data:
             if key not in names:
                 raise ConfigError(str(key), "unknown field")
+        if data.get("stages") and isinstance(data["stages"], list) and data.get("steps") in (None, 0):
+            from .stages import check_stages, total_steps
+            check_stages(data["stages"], data.get("method"))
+            data = dict(data, steps=total_steps(data["stages"]))
         for key in REQUIRED:
             if data.get(key) in (None, "", 0):
                 raise ConfigError(key, "is required")
@@ -151,7 +183,8 @@ class TrainConfig:
             # DreamBooth-style LoRA: a LoRA with prior preservation, from class images when a folder is given,
             # else from the base model's own prediction (adapter off) as the prior target
             data = dict(data, method="lora")
-            data.setdefault("prior", "class_images" if data.get("class_dir") else "base_prediction")
+            gen = bool(data.get("class_prompt")) and bool(data.get("num_class_images"))
+            data.setdefault("prior", "class_images" if data.get("class_dir") or gen else "base_prediction")
             data.setdefault("preset", "object")
             method = "lora"
         _check_choice("method", method, METHODS + ("dreambooth",))
@@ -174,6 +207,32 @@ class TrainConfig:
         if self.warmup_steps is not None:
             return int(self.warmup_steps)
         return int(round(self.warmup_ratio * self.steps))
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a held-out set is requested."""
+        return bool(self.validation_count) or bool(self.validation_split)
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between two validation scores: 0 without a held-out set; validation_every, else a tenth of
+        the steps."""
+        if not self.has_validation:
+            return 0
+        return int(self.validation_every) or max(1, int(self.steps) // 10)
+
+    def _validate_validation(self) -> None:
+        _check_float("validation_split", self.validation_split, 0.0, 0.5)
+        _check_int("validation_count", self.validation_count, 0, 100_000)
+        _check_int("validation_every", self.validation_every, 0, 10_000_000)
+        _check_int("validation_timesteps", self.validation_timesteps, 1, 1000)
+        _check_int("early_stopping_patience", self.early_stopping_patience, 0, 100_000)
+        _check_float("early_stopping_min_delta", self.early_stopping_min_delta, 0.0, 1e6)
+        _check_bool("keep_best", self.keep_best)
+        if not self.has_validation:
+            for name in ("validation_every", "early_stopping_patience"):
+                if getattr(self, name):
+                    raise ConfigError(name, "needs a held-out set: set validation_count or validation_split")
 
     @property
     def trains_network(self) -> bool:
@@ -200,13 +259,26 @@ class TrainConfig:
         if self.preset is not None:
             _check_choice("preset", self.preset, TASK_PRESETS)
         _check_choice("prior", self.prior, PRIORS)
-        if self.prior == "class_images" and not self.class_dir:
-            raise ConfigError("class_dir", "prior 'class_images' needs a class images folder")
+        _check_int("num_class_images", self.num_class_images, 0, 100_000)
+        if self.num_class_images and not (isinstance(self.class_prompt, str) and self.class_prompt.strip()):
+            raise ConfigError("class_prompt", "is required to generate class images (num_class_images > 0)")
+        if self.num_class_images and self.prior != "class_images":
+            raise ConfigError("num_class_images", "class images are generated for prior 'class_images' (or "
+                                                  "method dreambooth) only")
+        if self.prior == "class_images" and not self.class_dir and not self.num_class_images:
+            raise ConfigError("class_dir", "prior 'class_images' needs a class images folder, or a class_prompt "
+                                           "and num_class_images to generate them")
         if self.prior == "base_prediction" and not self.trains_network:
             raise ConfigError("prior", "the base-prediction prior needs a network (it compares with the adapter "
                                        "switched off)")
         _check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
         _check_choice("targets", self.targets, PRESETS)
+        if self.stages is not None:
+            from .stages import check_stages, total_steps
+            check_stages(self.stages, self.method)
+            if self.steps != total_steps(self.stages):
+                raise ConfigError("steps", f"must equal the sum of the stages' steps ({total_steps(self.stages)}) "
+                                           f"or be left out, not {self.steps}")
         _check_int("network_dim", self.network_dim, 1, 1024)
         _check_float("network_alpha", self.network_alpha, 0.0, 1e6, open_low=True)
         if self.conv_dim is not None:
@@ -253,7 +325,7 @@ class TrainConfig:
             if self.resolution % 8:
                 raise ConfigError("resolution", "must be a multiple of 8")
         for name in ("enable_bucket", "bucket_no_upscale", "flip_aug", "random_crop", "shuffle_caption",
-                     "save_state", "save_on_stop"):
+                     "save_state", "save_on_stop", "cache_text_outputs"):
             _check_bool(name, getattr(self, name))
         _check_int("bucket_step", self.bucket_step, 8, 512)
         if self.bucket_step % 8:
@@ -267,6 +339,7 @@ class TrainConfig:
         _check_int("keep_last", self.keep_last, 1, 10_000)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _check_int("sample_every", self.sample_every, 0, 10_000_000)
+        self._validate_validation()
         for name in ("output_dir", "state_dir", "class_dir", "latent_cache_dir"):
             if getattr(self, name) is not None:
                 _check_str(name, getattr(self, name))

@@ -3,6 +3,10 @@ ModelSpec keys, built with metadata.py from the job config, the model and the da
 key matters to the webui and other tools). Textual-inversion files get the ModelSpec keys only (kohya's TI script
 writes no ss_* keys either).
 
+A staged plan (stages.py) adds `ss_tune_stages` (the plan as JSON: name, targets, steps, start, rank, alpha,
+LRs of each stage); ss_network_dim/alpha are then the largest stage rank and its alpha (kohya has no per-module
+rank key; each module's rank is its tensors' shape, which every reader uses).
+
 Extra RunInfo fields the trainer cannot know (the checkpoint's name and hashes, clip skip, VAE) come from the
 webui glue through Trainer(run_info=...).
 """
@@ -14,6 +18,7 @@ import torch
 
 from .metadata import (RunInfo, build_ss_metadata, dataset_fields, metadata_for_save, modelspec_metadata,
                        network_args_for)
+from .stages import build_plan, plan_metadata
 
 OPTIMIZER_NAMES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
                    "prodigy": "prodigyopt.Prodigy"}
@@ -35,6 +40,8 @@ def file_metadata(cfg, model, data, tensors: Mapping[str, torch.Tensor], *, step
                            precision=precision)
     info.update({k: val for k, val in (extra or {}).items() if k in RunInfo.__dataclass_fields__})
     ss = build_ss_metadata(RunInfo(**info))
+    if getattr(cfg, "stages", None):
+        ss["ss_tune_stages"] = plan_metadata(cfg)
     epoch = data.epoch_of(max(0, step * cfg.gradient_accumulation - 1)) + 1
     spec = modelspec_metadata(model.architecture, cfg.output_name, **spec_args)
     return metadata_for_save(tensors, ss, steps=step, epoch=epoch, modelspec=spec)
@@ -44,7 +51,12 @@ def run_info_fields(cfg, model, data, *, total: int, session_id: int, started_at
                     precision: Optional[torch.dtype]) -> Dict[str, Any]:
     """RunInfo fields of a network run. DoRA is LyCORIS algo=lora with dora_wd, pivotal a kohya LoRA (its
     embedding is named in network_args); conv_dim is reported where convolutions train."""
-    extra: Dict[str, Any] = {"preset": cfg.targets}
+    extra: Dict[str, Any] = {"preset": "stages" if getattr(cfg, "stages", None) else cfg.targets}
+    dim, alpha = cfg.network_dim, cfg.network_alpha
+    if getattr(cfg, "stages", None):  # mixed ranks (each module's is its tensors' shape): the largest stage's
+        plan = build_plan(cfg)
+        top = max(plan, key=lambda s: s.network_dim)
+        dim, alpha = top.network_dim, top.network_alpha
     if cfg.method == "lokr":
         extra["factor"] = cfg.lokr_factor
     if cfg.method == "pivotal":
@@ -57,7 +69,7 @@ def run_info_fields(cfg, model, data, *, total: int, session_id: int, started_at
     return dict(
         output_name=cfg.output_name, base=model.architecture, v_parameterization=model.prediction_type == "v",
         session_id=session_id, training_started_at=started_at, algo=method,
-        network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+        network_dim=dim, network_alpha=alpha,
         network_args=network_args_for(method, conv_dim, conv_alpha, extra),
         learning_rate=cfg.unet_lr, unet_lr=cfg.unet_lr, text_encoder_lr=cfg.te_lr if cfg.train_text_encoder else None,
         optimizer=OPTIMIZER_NAMES[cfg.optimizer], optimizer_args={"weight_decay": cfg.weight_decay},

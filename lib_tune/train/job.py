@@ -43,6 +43,14 @@ class Job:
     finished: Optional[float] = None
     resumed_from: Optional[int] = None
     stop_requested: bool = False
+    #: the current stage of a staged plan: {"index", "name", "of", "start", "steps"} (None without a plan)
+    stage: Optional[Dict[str, Any]] = None
+    #: [step, loss] of each held-out validation score; the best one and its file; whether patience ended the run
+    val_losses: List[List[float]] = field(default_factory=list)
+    best_step: Optional[int] = None
+    best_val_loss: Optional[float] = None
+    best_path: Optional[str] = None
+    early_stopped: bool = False
 
     def log(self, message: str) -> None:
         self.events.append(f"{time.strftime('%H:%M:%S')} {message}")
@@ -54,15 +62,25 @@ class Job:
         done = self.step - (self.resumed_from or 0)
         return (time.time() - self.started) / done * (self.total - self.step)
 
+    @property
+    def stage_info(self) -> Optional[Dict[str, Any]]:
+        """The current stage with `step`, the steps done in it (None without a plan)."""
+        if not self.stage:
+            return None
+        return dict(self.stage, step=min(self.stage["steps"], max(0, self.step - self.stage["start"])))
+
     def to_dict(self, full: bool = True) -> Dict[str, Any]:
         d = {"id": self.id, "state": self.state, "step": self.step, "total": self.total,
              "output_name": self.config.get("output_name"), "method": self.config.get("method"),
              "output_path": self.output_path, "error": self.error, "eta_seconds": self.eta_seconds,
              "loss": self.losses[-1] if self.losses else None, "created": self.created, "started": self.started,
-             "finished": self.finished, "resumed_from": self.resumed_from}
+             "finished": self.finished, "resumed_from": self.resumed_from,
+             "stage": self.stage_info,
+             "val_loss": self.val_losses[-1][1] if self.val_losses else None, "best_step": self.best_step,
+             "best_val_loss": self.best_val_loss, "best_path": self.best_path, "early_stopped": self.early_stopped}
         if full:
             d.update(config=self.config, losses=self.losses, lrs=self.lrs, samples=self.samples, saved=self.saved,
-                     events=self.events)
+                     events=self.events, val_losses=[list(v) for v in self.val_losses])
         return d
 
 
@@ -104,6 +122,11 @@ def validate_config(cfg: TrainConfig, resolution: int) -> Dict[str, Any]:
                                for k, v in out["bucket_histogram"].items()}
     out["ok"] = report.ok
     out["text"] = report.to_text()
+    if cfg.has_validation:  # the held-out images (ConfigError naming the field when none would stay to train)
+        from .data import held_out_split
+        from .dataset import discover
+        out["held_out"] = held_out_split(discover(ds_cfg), cfg.seed, cfg.validation_count, cfg.validation_split,
+                                         out.get("excluded") or ())
     return out
 
 
@@ -120,14 +143,47 @@ class JobHooks:
     should_stop: Callable[[], bool] = lambda: False
     on_start: Callable[[Job, Any], None] = lambda job, trainer: None
     on_end: Callable[[Job], None] = lambda job: None
+    #: the model object the host has loaded now (the webui: shared.sd_model); checked at each step, inside
+    #: step_context, against the model the trainer was built on. None: no check.
+    current_model: Optional[Callable[[], Any]] = None
+
+
+class Stopped(Exception):
+    """Raised by the driver's preparation (e.g. class image generation) when the job is stopped before training:
+    the job ends 'interrupted'."""
+
+
+class ModelChanged(RuntimeError):
+    """The host's loaded model is no longer the object the job trains (the checkpoint was switched anyway)."""
+
+
+def _model_name(model) -> str:
+    info = getattr(model, "sd_checkpoint_info", None)
+    return str(getattr(info, "title", None) or getattr(model, "sd_model_checkpoint", None)
+               or ("no model" if model is None else type(model).__name__))
+
+
+def check_model(expected, current_model: Optional[Callable[[], Any]]) -> None:
+    """Raise ModelChanged when `current_model()` is not `expected` (no check without either)."""
+    if expected is None or current_model is None:
+        return
+    now = current_model()
+    if now is not expected:
+        raise ModelChanged(f"the loaded checkpoint changed during training (from {_model_name(expected)} to "
+                           f"{_model_name(now)}); the job stopped rather than train a model that is no longer "
+                           f"loaded: load {_model_name(expected)} again and resume")
 
 
 class _Callbacks:
     def __init__(self, job: Job, hooks: JobHooks):
         self.job, self.hooks = job, hooks
+        self.model = None  # the model object the trainer trains (set by run_job)
 
+    @contextlib.contextmanager
     def step_context(self):
-        return self.hooks.step_context()
+        with self.hooks.step_context():
+            check_model(self.model, self.hooks.current_model)
+            yield
 
     def on_step(self, step, total, loss, lr):
         j = self.job
@@ -136,6 +192,15 @@ class _Callbacks:
         j.lrs.append(float(lr))
         self.hooks.on_step(j)
 
+    def on_stage(self, index, stage):
+        j = self.job
+        n = len(j.config.get("stages") or ()) or index + 1
+        j.stage = {"index": index, "name": stage.name, "of": n, "start": stage.start, "steps": stage.steps}
+        if j.step <= stage.start:
+            j.log(f"stage {index + 1}/{n} '{stage.name}' started at step {stage.start}")
+        else:
+            j.log(f"stage {index + 1}/{n} '{stage.name}' (from step {stage.start}) continues at step {j.step}")
+
     def should_stop(self):
         return self.job.stop_requested or bool(self.hooks.should_stop())
 
@@ -143,8 +208,26 @@ class _Callbacks:
         self.hooks.on_sample(self.job, step)
 
     def on_save(self, path):
-        self.job.saved.append(path)
+        if path not in self.job.saved:  # the -best file is rewritten at each new best
+            self.job.saved.append(path)
         self.job.log(f"saved {os.path.basename(path)}")
+
+    def on_validation(self, step, loss, is_best):
+        j = self.job
+        j.val_losses.append([int(step), float(loss)])
+        if is_best:
+            j.best_step, j.best_val_loss = int(step), float(loss)
+        j.log(f"validation loss {float(loss):.4g} at step {step}" + (" (best)" if is_best else ""))
+
+
+def _validation_from(job: Job, trainer) -> None:
+    """A resumed job's validation history and best, from the trainer's restored state."""
+    v = getattr(trainer, "validation", None)
+    if v is None:
+        return
+    job.val_losses = [[int(s), float(x)] for s, x in v.losses]
+    job.best_step, job.best_val_loss = v.best_step, v.best_loss
+    job.best_path = getattr(trainer, "best_path", None)
 
 
 def run_job(job: Job, cfg: TrainConfig, make_trainer: Callable[[TrainConfig, Any], Any], hooks: JobHooks,
@@ -153,21 +236,37 @@ def run_job(job: Job, cfg: TrainConfig, make_trainer: Callable[[TrainConfig, Any
     job.state, job.started = "running", time.time()
     job.total = cfg.steps
     try:
-        trainer = make_trainer(cfg, _Callbacks(job, hooks))
+        callbacks = _Callbacks(job, hooks)
+        trainer = make_trainer(cfg, callbacks)
+        callbacks.model = getattr(getattr(trainer, "model", None), "sd_model", None)
+        check_model(callbacks.model, hooks.current_model)
         if resume_state:
             job.resumed_from = trainer.resume(resume_state)
             job.step = job.resumed_from
             job.losses = list(trainer.losses)
+            _validation_from(job, trainer)
             job.log(f"resumed at step {job.resumed_from}")
         hooks.on_start(job, trainer)
         job.log(f"training {cfg.method} '{cfg.output_name}' for {cfg.steps} steps")
         result = trainer.run()
         job.output_path = result.adapter_path
+        job.best_path = getattr(result, "best_path", None)
+        job.early_stopped = bool(getattr(result, "early_stopped", False))
+        if job.early_stopped:
+            job.log(f"early stopping at step {result.steps_done}: no improvement for "
+                    f"{cfg.early_stopping_patience} evaluations; best step {result.best_step}")
         job.state = "interrupted" if result.stopped else "done"
         job.log(f"{job.state} at step {result.steps_done}" + (f": {result.adapter_path}" if result.adapter_path else ""))
     except ConfigError as e:
         job.state, job.error = "failed", f"{e.field}: {e.message}"
         job.log(f"failed: {job.error}")
+    except Stopped as e:  # stopped before training began (e.g. while generating class images)
+        job.state = "interrupted"
+        job.log(f"interrupted: {e}")
+    except ModelChanged as e:
+        job.state, job.error = "failed", str(e)
+        job.log(f"failed: {job.error}")
+        print(f"[sd-webui-tune] job {job.id} failed: {e}")
     except Exception as e:  # the model is restored by the trainer; report, never crash the webui
         job.state, job.error = "failed", f"{type(e).__name__}: {e}"
         job.log(f"failed: {job.error}")

@@ -364,9 +364,12 @@ class TrainableAdapter:
 
 
 def create_adapter(targets: Targets, spec: MethodSpec, embedding: Optional[TrainableEmbedding] = None,
-                   device: Optional[torch.device] = None) -> TrainableAdapter:
+                   device: Optional[torch.device] = None,
+                   selected: Optional[Sequence[Tuple[Target, int, float]]] = None) -> TrainableAdapter:
     """Build the trainable adapter of `spec` on the model `targets` was made from. `embedding`: the TI vectors
-    (ti / pivotal; see embeddings.init_embedding)."""
+    (ti / pivotal; see embeddings.init_embedding). `selected`: explicit layers as (target, dim, alpha) instead of
+    spec.preset / spec.train_text_encoder (staged plans, stages.resolve_plan); kxk convs still take
+    spec.conv_dim / conv_alpha when set."""
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; expected one of {', '.join(METHODS)}")
     if spec.method in EMBEDDING_METHODS and embedding is None:
@@ -379,10 +382,13 @@ def create_adapter(targets: Targets, spec: MethodSpec, embedding: Optional[Train
     g = torch.Generator().manual_seed(int(spec.seed))
     conv = spec.method in CONV_METHODS
     te_keys = set()
-    for t in select_targets(targets, spec.preset, spec.train_text_encoder, conv):
+    if selected is None:
+        selected = [(t, spec.dim, spec.alpha) for t in select_targets(targets, spec.preset, spec.train_text_encoder,
+                                                                        conv)]
+    for t, t_dim, t_alpha in selected:
         kxk = len(t.shape) == 4 and t.shape[2:] != (1, 1)
-        dim = (spec.conv_dim or spec.dim) if kxk else spec.dim
-        alpha = (spec.conv_alpha if spec.conv_alpha is not None else spec.alpha) if kxk else spec.alpha
+        dim = (spec.conv_dim or t_dim) if kxk else t_dim
+        alpha = (spec.conv_alpha if spec.conv_alpha is not None else t_alpha) if kxk else t_alpha
         base = _base_weight(targets, t) if spec.method == "dora" else None
         weights = make_weights(spec.method, t.shape, dim, alpha, g, base, spec.lokr_factor)
         params = {k: (v if k == "alpha" else torch.nn.Parameter(v)) for k, v in weights.items()}

@@ -9,7 +9,9 @@ Files (kohya's naming, so users find their way):
 
 Adapters are written atomically by formats.write.save_adapter (temporary file + rename), in the chosen dtype,
 with kohya's ss_* / sshs_* / modelspec metadata (metadata.py). A state folder is written into a temporary
-sibling and renamed into place, so a crash mid-save leaves the previous states intact and never a half state.
+sibling and renamed into place, so a crash mid-save leaves the previous states intact and never a half state;
+what a killed process leaves behind (temporary folders and files) is never read and is removed by the next prune
+(tests/unit/test_train_sigkill.py kills a training process mid-run and mid-write).
 
 The state holds the adapter's tensors in float32 (the saved file may be fp16), the optimizer, scheduler and
 grad-scaler states, the step and data position, Python's and torch's RNG states, the loss history and the
@@ -124,9 +126,38 @@ class Checkpoints:
         rx = re.compile(re.escape(self.output_name) + r"-step(\d+)\.safetensors$")
         return sorted(int(m[1]) for m in (rx.match(n) for n in os.listdir(self.output_dir)) if m)
 
+    def leftovers(self) -> List[str]:
+        """What a process killed mid-save left behind: temporary state folders (`.tmp-PID-*`), a replaced state
+        (`step-N.old-*`) and temporary adapter files (`.NAME*.safetensors.PID.*.tmp`) of processes that are no
+        longer alive. None of them is ever read (state_steps / adapter_steps match only complete names)."""
+        out = []
+        if os.path.isdir(self.state_dir):
+            for name in os.listdir(self.state_dir):
+                m = re.match(r"^\.tmp-(\d+)-[0-9a-f]+$", name)
+                if (m and not _alive(int(m[1]))) or re.match(r"^step-\d+\.old-[0-9a-f]+$", name):
+                    out.append(os.path.join(self.state_dir, name))
+        if os.path.isdir(self.output_dir):
+            rx = re.compile(r"^\." + re.escape(self.output_name)
+                            + r"(-step\d+)?\.safetensors\.(\d+)\.[0-9a-f]+\.tmp$")
+            for name in os.listdir(self.output_dir):
+                m = rx.match(name)
+                if m and not _alive(int(m[2])):
+                    out.append(os.path.join(self.output_dir, name))
+        return sorted(out)
+
     def prune(self) -> List[str]:
-        """Delete all but the newest `keep_last` intermediate adapters and states; returns what was removed."""
+        """Delete all but the newest `keep_last` intermediate adapters and states, and the leftovers of killed
+        runs; returns what was removed."""
         removed = []
+        for path in self.leftovers():
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    continue
+            removed.append(path)
         for step in self.adapter_steps()[:-self.keep_last]:
             path = self.adapter_path(step)
             os.unlink(path)
@@ -136,6 +167,18 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
         return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def load_state(path: str) -> dict:

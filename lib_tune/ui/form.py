@@ -18,7 +18,7 @@ import shlex
 from dataclasses import dataclass, fields as dc_fields
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from ..train.config import MIXED_PRECISION, PRESET_VALUES, PRIORS, TASK_PRESETS, TrainConfig
+from ..train.config import MIXED_PRECISION, PRESET_VALUES, PRIORS, TASK_PRESETS, ConfigError, TrainConfig
 from ..train.methods import METHODS, PRESETS as TARGET_PRESETS
 from ..train.optim import OPTIMIZERS, SCHEDULERS
 
@@ -32,7 +32,7 @@ JOB_EXTRAS = ("sample_prompts", "sample_steps", "overwrite", "resume")
 @dataclass(frozen=True)
 class Field:
     key: str
-    kind: str  # text | lines | int | float | bool | choice
+    kind: str  # text | lines | int | float | bool | choice | json
     label: str
     default: Any = None
     choices: Tuple[str, ...] = ()
@@ -73,6 +73,9 @@ FIELDS: Tuple[Field, ...] = (
     _f("network_alpha", "float", "Alpha"),
     _f("conv_dim", "int", "Conv rank (0: none)", 0),
     _f("train_text_encoder", "bool", "Train the text encoder"),
+    _f("stages", "json", "Stages (JSON)", "",
+       info='a staged plan, empty: none. A JSON list, e.g. [{"targets": "mid_proj", "steps": 200, "network_dim": 8}, '
+            '{"targets": "te_last2", "steps": 100, "te_lr": 5e-5}]; steps is then their sum'),
     _f("num_vectors", "int", "Embedding vectors"),
     _f("init_text", "text", "Embedding init text", ""),
     _f("unet_lr", "float", "UNet LR"),
@@ -92,6 +95,16 @@ FIELDS: Tuple[Field, ...] = (
     _f("mixed_precision", "choice", "Precision", choices=MIXED_PRECISION),
     _f("save_every", "int", "Save every N steps (0: at the end)"),
     _f("seed", "int", "Seed"),
+    # validation (held-out images) and early stopping
+    _f("validation_count", "int", "Held-out images (0: none)",
+       info="scored for a validation loss, never trained on; overrides the fraction"),
+    _f("validation_split", "float", "Held-out fraction (0..0.5)"),
+    _f("validation_every", "int", "Validate every N steps (0: steps/10)"),
+    _f("validation_timesteps", "int", "Validation timesteps per image"),
+    _f("early_stopping_patience", "int", "Early-stopping patience (0: off)",
+       info="validations without improvement before the run ends"),
+    _f("early_stopping_min_delta", "float", "Min improvement"),
+    _f("keep_best", "bool", "Keep the best file (<name>-best)"),
     # samples
     _f("sample_prompts", "lines", "Sample prompts (one per line)", ""),
     _f("sample_every", "int", "Sample every N steps (0: never)"),
@@ -148,9 +161,29 @@ def _number(f: Field, value: Any) -> Any:
     return float(value)
 
 
+def _json_value(f: Field, value: Any) -> Any:
+    """A JSON field's text as data (None when empty); ConfigError naming the field when it is not valid JSON or
+    not a list (the only JSON field, stages, takes a list)."""
+    if isinstance(value, list):
+        return value
+    text = str(value or "").strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f.key, f"{f.label} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+            from None
+    if not isinstance(data, list):
+        raise ConfigError(f.key, f"{f.label} must be a JSON list of stages ([{{...}}, ...]), not "
+                                 f"{type(data).__name__}")
+    return data
+
+
 def to_job(values: Dict[str, Any]) -> Dict[str, Any]:
     """The job JSON for the form's values (the body of POST /tune/v1/train). Values are converted to the
-    config's types (gradio numbers arrive as floats); the config's own validation judges them afterwards."""
+    config's types (gradio numbers arrive as floats); the config's own validation judges them afterwards. A JSON
+    field that does not parse is a ConfigError naming it (the tab shows it like any config error)."""
     out: Dict[str, Any] = {}
     for f in FIELDS:
         if f.key not in values:
@@ -166,9 +199,15 @@ def to_job(values: Dict[str, Any]) -> Dict[str, Any]:
             v = bool(v)
         elif f.kind == "lines":
             v = [line.strip() for line in str(v or "").splitlines() if line.strip()]
+        elif f.kind == "json":
+            v = _json_value(f, v)
+            if v is None:
+                continue
         elif isinstance(v, str) or v is None:
             v = (v or "").strip()
         out[f.key] = v
+    if out.get("stages"):
+        out.pop("steps", None)  # a staged plan's steps are its stages' sum (the config derives it)
     method = out.get("method")
     if method == "dreambooth":
         out["prior"] = prior_for_method(method, out.get("prior", "none"), out.get("class_dir", ""))

@@ -1,5 +1,6 @@
-"""The Tune tab's training plot: raw loss (light grey), its smoothed trend (blue, lib_tune.train.plot's EMA)
-and the learning rate (orange) on a second axis at the right, drawn with PIL alone (the webui's environment has
+"""The Tune tab's training plot: raw loss (light grey), its smoothed trend (blue, lib_tune.train.plot's EMA),
+the validation loss on held-out images (magenta dots joined by a thin line, the best one ringed in green; on the
+loss axis, whose range covers both) and the learning rate (orange) on a second axis at the right, drawn with PIL alone (the webui's environment has
 no matplotlib). Pure: returns a PIL image; non-finite losses are left out of the scale and the lines (a NaN loss
 is reported elsewhere, it must not blank the whole plot). Text uses a common TrueType font when one is
 installed (readable when the browser scales the image down), else PIL's built-in bitmap font."""
@@ -14,6 +15,8 @@ from ..train.plot import smooth
 RAW = (185, 185, 185)
 SMOOTH = (30, 90, 200)
 LR = (230, 120, 20)
+VAL = (200, 30, 140)
+BEST = (20, 150, 60)
 INK = (0, 0, 0)
 GRID = (232, 232, 232)
 #: plot area margins (left, right, top, bottom): axis labels live outside the area, lines inside
@@ -64,11 +67,34 @@ def plot_area(size) -> Tuple[int, int, int, int]:
     return left, top, size[0] - right, size[1] - bottom
 
 
+def _validation(d, vals, rng, x_of_step, ys, best_step: Optional[int]) -> None:
+    """Validation scores: dots joined by a thin line, the best one ringed."""
+    lo, hi = rng
+    y0, y1 = ys
+    pts = [(x_of_step(s), y1 - (y1 - y0) * (v - lo) / (hi - lo)) if math.isfinite(v) else None for s, v in vals]
+    for run in _segments(pts):
+        if len(run) > 1:
+            d.line(run, fill=VAL, width=1)
+    for p in pts:
+        if p is not None:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=VAL)
+    finite = [(s, v, p) for (s, v), p in zip(vals, pts) if p is not None]
+    if not finite:
+        return
+    best = next((f for f in finite if f[0] == best_step), None) if best_step is not None else None
+    if best is None:
+        best = min(finite, key=lambda f: f[1])
+    px, py = best[2]
+    d.ellipse([px - 6, py - 6, px + 6, py + 6], outline=BEST, width=2)
+
+
 def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(640, 280),
-                  title: str = "training loss", first_step: int = 1):
+                  title: str = "training loss", first_step: int = 1,
+                  val_losses: Sequence[Sequence[float]] = (), best_step: Optional[int] = None):
     """The plot as a PIL RGB image of `size`. Entry i of `losses` is training step first_step + i; when one
     list is shorter (a resumed job keeps its earlier losses but logs learning rates from the resume on), it is
-    aligned to the last steps."""
+    aligned to the last steps. val_losses: (step, loss) pairs of the validation scores, drawn at their steps;
+    best_step: the one to ring (default: the lowest)."""
     from PIL import Image, ImageDraw
 
     font = _font(12)
@@ -85,14 +111,16 @@ def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(640,
         d.line([(x0, y), (x1, y)], fill=GRID)
     d.rectangle([x0, y0, x1, y1], outline=INK)
     d.text((x0, 8), title, fill=INK, font=font)
+    losses = [float(v) for v in losses]
+    lrs = [float(v) for v in lrs]
+    vals = [(int(s), float(v)) for s, v in val_losses]
     x = x1
-    for label, color in (("learning rate", LR), ("smoothed", SMOOTH), ("raw", RAW)):
+    legend = (("learning rate", LR), ("validation", VAL), ("smoothed", SMOOTH), ("raw", RAW))
+    for label, color in legend if vals else legend[:1] + legend[2:]:
         x -= text_w(label)
         d.text((x, 8), label, fill=color, font=font)
         x -= 12
-    losses = [float(v) for v in losses]
-    lrs = [float(v) for v in lrs]
-    n = max(len(losses), len(lrs))
+    n = max(len(losses), len(lrs), max((s - first_step + 1 for s, _ in vals), default=0))
     if n == 0:
         msg = "no steps yet"
         d.text(((x0 + x1 - text_w(msg)) // 2, (y0 + y1) // 2 - 6), msg, fill=INK, font=font)
@@ -112,7 +140,7 @@ def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(640,
             else:
                 d.line(run, fill=color, width=width)
 
-    loss_rng = _range(losses)
+    loss_rng = _range(losses + [v for _, v in vals])
     if loss_rng:
         finite = [v for v in losses if math.isfinite(v)]
         smoothed, it = [], iter(smooth(finite))
@@ -122,6 +150,7 @@ def training_plot(losses: Sequence[float], lrs: Sequence[float] = (), size=(640,
         line(smoothed, loss_rng, SMOOTH, 2)
         for label, y in ((f"{loss_rng[1]:.3g}", y0), (f"{loss_rng[0]:.3g}", y1), ("loss", (y0 + y1) // 2)):
             d.text((x0 - 6 - text_w(label), y - 7), label, fill=SMOOTH, font=font)
+        _validation(d, vals, loss_rng, lambda s: x_of(s - first_step), (y0, y1), best_step)
     lr_rng = _range(lrs)
     if lr_rng:
         lo, hi = lr_rng

@@ -64,6 +64,11 @@ def progress_html(job: Optional[Dict[str, Any]]) -> str:
              f'<div class="tune-bar"><div style="width:{pct:.1f}%"></div></div>',
              f'<span class="tune-step">step {step} / {total}</span> · loss {_e(format_loss(job.get("loss")))}'
              f' · ETA {_e(format_eta(job.get("eta_seconds")))}']
+    stage = job.get("stage")
+    if stage:  # a staged plan: the stage running now and how far it is
+        parts.append(f'<div class="tune-stage">stage {int(stage.get("index", 0)) + 1}/{int(stage.get("of") or 1)}: '
+                     f'<b>{_e(stage.get("name") or "")}</b> · step {int(stage.get("step") or 0)} / '
+                     f'{int(stage.get("steps") or 0)} of this stage</div>')
     if job.get("resumed_from"):
         parts.append(f'<div>resumed from step {int(job["resumed_from"])}</div>')
     if job.get("error"):

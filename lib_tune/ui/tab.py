@@ -34,6 +34,8 @@ RATE_KEYS = ("unet_lr", "te_lr", "optimizer", "lr_scheduler", "warmup_ratio", "m
 DATA_KEYS = ("resolution", "min_bucket", "max_bucket", "batch_size", "gradient_accumulation",
              "gradient_checkpointing", "mixed_precision", "save_every", "seed")
 SAMPLE_KEYS = ("sample_prompts", "sample_every", "sample_steps")
+VALIDATION_KEYS = ("validation_count", "validation_split", "validation_every", "validation_timesteps",
+                   "early_stopping_patience", "early_stopping_min_delta", "keep_best")
 
 
 def _status_markdown() -> str:
@@ -61,6 +63,10 @@ def _component(f: form.Field, value: Any):
         return gr.Number(label=f.label, value=value, elem_id=eid, info=f.info or None)
     if f.kind == "lines":
         return gr.Textbox(label=f.label, value=value, lines=3, elem_id=eid)
+    if f.kind == "json":
+        return gr.Textbox(label=f.label, value=value, lines=4, elem_id=eid, info=f.info or None,
+                          placeholder='[{"targets": "mid_proj", "steps": 200}, '
+                                      '{"targets": "cross_attn", "steps": 300}]')
     return gr.Textbox(label=f.label, value=value, lines=1, elem_id=eid, info=f.info or None)
 
 
@@ -99,7 +105,8 @@ def _plot(job: Dict[str, Any]):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     first = 1 + max(0, (job.get("step") or 0) - len(job.get("losses") or []))
     img = training_plot(job.get("losses") or [], job.get("lrs") or [], first_step=first,
-                        title=f"{job.get('output_name')}: training loss")
+                        title=f"{job.get('output_name')}: training loss",
+                        val_losses=job.get("val_losses") or [], best_step=job.get("best_step"))
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     img.save(tmp, format="PNG")
     os.replace(tmp, path)  # another browser's poll may be serving this file right now: never a half-written one
@@ -114,12 +121,14 @@ def _readout(job: Optional[Dict[str, Any]], seen: Optional[Dict[str, Any]]):
                 gr.update(visible=False), gr.update(visible=False), "")
     same_job = seen.get("id") == job["id"]
     n_samples, n_losses = len(job.get("samples") or []), len(job.get("losses") or [])
+    n_val = len(job.get("val_losses") or [])
     gallery = gr.update(value=_gallery(job)) if not same_job or seen.get("samples") != n_samples else gr.update()
-    plot = gr.update(value=_plot(job)) if not same_job or seen.get("losses") != n_losses else gr.update()
+    plot = gr.update(value=_plot(job)) if not same_job or seen.get("losses") != n_losses or \
+        seen.get("val", 0) != n_val else gr.update()
     active = job["state"] in ACTIVE
     use = form.use_text(job)
     return (progress_html(job), gallery, plot, events_html(job), {"id": job["id"], "samples": n_samples,
-                                                                 "losses": n_losses},
+                                                                 "losses": n_losses, "val": n_val},
             gr.update(visible=active), gr.update(visible=bool(use) and not active),
             gr.update(visible=not active and job["state"] in ("interrupted", "failed")), use)
 
@@ -156,6 +165,7 @@ def build() -> gr.Blocks:
                 with gr.Accordion("Advanced", open=False, elem_id="tune_advanced"):
                     with gr.Row():
                         make(NETWORK_KEYS)
+                    make(("stages",))
                     with gr.Row():
                         make(RATE_KEYS)
                     with gr.Row():
@@ -164,6 +174,8 @@ def build() -> gr.Blocks:
                         make(DATA_KEYS)
                     with gr.Row():
                         make(PRIOR_KEYS)
+                    with gr.Row():
+                        make(VALIDATION_KEYS)
                 with gr.Group():
                     gr.Markdown("### Samples")
                     make(SAMPLE_KEYS[:1])
@@ -214,10 +226,16 @@ def build() -> gr.Blocks:
                     gr.update(value=form.prior_for_method(method, prior, class_dir)))
 
         def on_api(*args):
-            return form.api_request(job_from(args), _base_url())
+            try:
+                return form.api_request(job_from(args), _base_url())
+            except ConfigError as e:  # a malformed JSON field (stages)
+                return f"{e.field}: {e.message}", ""
 
         def on_validate(*args):
-            job = job_from(args)
+            try:
+                job = job_from(args)
+            except ConfigError as e:  # a malformed JSON field (stages)
+                return (_config_error("Not valid", e), "", "", "")
             api = form.api_request(job, _base_url())
             try:
                 rep = _jobs().validate(form.validation_body(job))
@@ -236,7 +254,10 @@ def build() -> gr.Blocks:
             return (message_html(f"{done} job {job['id']}."),) + _readout(job, seen_state)
 
         def on_start(seen_state, *args):
-            job = job_from(args)
+            try:
+                job = job_from(args)
+            except ConfigError as e:  # a malformed JSON field (stages)
+                return (_config_error("Cannot start", e),) + _readout(_current_job(), seen_state) + ("", "")
             return start(job, seen_state, "start") + form.api_request(job, _base_url())
 
         def on_resume(seen_state):

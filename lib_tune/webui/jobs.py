@@ -7,8 +7,9 @@
 - Progress goes to shared.state (job, step of total, text info with the loss); the webui's Interrupt (or
   POST /tune/v1/jobs/{id}/interrupt) stops within one step and saves.
 - Samples every N steps are rendered by the webui's own sampler with the current adapter.
-- Switching the checkpoint while a job runs is refused (on_before_reload check in the API/tab; the trainer also
-  fails cleanly if the model object changes).
+- Switching the checkpoint while a job runs is refused (register.install_checkpoint_guard wraps the webui's
+  model loading); should the model object change anyway, the job fails at its next step with a message saying so
+  (job.check_model) rather than train an object the webui no longer uses.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ class _WebuiHooks:
         st.sampling_step = job.step
         loss = job.losses[-1] if job.losses else float("nan")
         st.textinfo = f"Tune: step {job.step}/{job.total}, loss {loss:.4f}"
+        if job.stage:  # a staged plan: which stage runs
+            st.textinfo += f", stage {job.stage['index'] + 1}/{job.stage['of']}: {job.stage['name']}"
 
     def should_stop(self):
         return bool(shared.state.interrupted)
@@ -168,6 +171,24 @@ class _WebuiHooks:
                 pass
 
 
+def _class_images(job: Job, cfg: TrainConfig) -> None:
+    """DreamBooth class images: render the missing ones (cached by model, prompt, resolution, seed, sampler)
+    and point cfg.class_dir at their folder; nothing to do without num_class_images."""
+    from . import class_images
+    plan = class_images.plan(cfg, data_dir(), cfg.resolution or _model_resolution())
+    if plan is None:
+        return
+    cfg.class_dir = plan.folder
+    job.log(f"class images: {plan.existing} of {plan.count} in {plan.folder}, generating {len(plan.missing)}")
+    class_images.generate(plan, should_stop=lambda: job.stop_requested, log=job.log)
+
+
+def _loaded_model():
+    """The model the webui has loaded now (not shared.sd_model: with none loaded, that would load one)."""
+    from modules import sd_models
+    return sd_models.model_data.sd_model
+
+
 def start(data: Dict[str, Any]) -> Job:
     """Validate and start a job in the background; ConfigError for a bad config or when one is running."""
     global _thread
@@ -195,12 +216,13 @@ def start(data: Dict[str, Any]) -> Job:
     hooks_obj = _WebuiHooks(job, cfg, sample_prompts, os.path.join(data_dir(), "samples", job.id))
     hooks = JobHooks(step_context=hooks_obj.step_context, on_step=hooks_obj.on_step,
                      on_sample=hooks_obj.on_sample, should_stop=hooks_obj.should_stop,
-                     on_start=hooks_obj.on_start, on_end=hooks_obj.on_end)
+                     on_start=hooks_obj.on_start, on_end=hooks_obj.on_end, current_model=_loaded_model)
 
     def make_trainer(cfg, callbacks):
         from ..train.data import prepare_data
         from ..train.loop import Trainer
         from ..train.model import DiffusionModel
+        _class_images(job, cfg)  # before anything wraps the model: the webui renders them on the bare model
         model = DiffusionModel(shared.sd_model)
         report = validate_config(cfg, _model_resolution())
         if not report["ok"]:

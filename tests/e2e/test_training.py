@@ -118,3 +118,44 @@ def test_interrupt_leaves_valid_file_and_unchanged_model_and_txt2img_runs_during
     with safe_open(job["output_path"], "pt") as f:
         assert len(list(f.keys())) > 0
     assert webui.get("/tune/v1/model-hash")["sha256"] == before
+
+
+def test_dreambooth_generates_class_images_once_and_caches_them(webui, checkpoints, dataset):
+    """DreamBooth with class_prompt + num_class_images: the webui's sampler renders the class images into a cache
+    folder under its data dir before training; the same job again generates none."""
+    import os
+    import re
+
+    from PIL import Image
+
+    webui.load_checkpoint(checkpoints["sd1"].name)
+    body = dict(dataset=dataset, method="dreambooth", steps=4, output_name="e2e-db-gen", trigger="zkw",
+                class_prompt="a photo of a dog", num_class_images=2, overwrite=True, **TINY)
+    job = train(webui, **body)
+    assert job["state"] == "done", job
+    planned = [re.search(r"class images: (\d+) of 2 in (.+), generating (\d+)$", ev) for ev in job["events"]]
+    planned = [m for m in planned if m]
+    assert len(planned) == 1 and planned[0][1] == "0" and planned[0][3] == "2", job["events"]
+    folder = planned[0][2]
+    assert folder.startswith(str(webui.data_dir / "tune" / "class-images")), folder
+    assert any("class images: generated 2" in ev for ev in job["events"]), job["events"]
+    pngs = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    assert pngs == ["class_00000.png", "class_00001.png"]
+    for n in pngs:
+        with open(os.path.join(folder, n[:-4] + ".txt"), encoding="utf-8") as f:
+            assert f.read() == "a photo of a dog"
+    images = [Image.open(os.path.join(folder, n)).convert("RGB") for n in pngs]
+    assert all(im.size == (64, 64) for im in images)
+    assert images[0].tobytes() != images[1].tobytes()  # a seed per image
+    stamps = [os.stat(os.path.join(folder, n)).st_mtime_ns for n in pngs]
+    with safe_open(job["output_path"], "pt") as f:
+        md = f.metadata()
+    assert md["ss_num_reg_images"] == "2", md.get("ss_num_reg_images")
+
+    again = train(webui, **body)
+    assert again["state"] == "done", again
+    assert any(f"class images: 2 of 2 in {folder}, generating 0" in ev for ev in again["events"]), again["events"]
+    assert any("class images: generated 0" in ev for ev in again["events"]), again["events"]
+    assert [os.stat(os.path.join(folder, n)).st_mtime_ns for n in pngs] == stamps  # not rewritten
+    with safe_open(again["output_path"], "pt") as f:
+        assert f.metadata()["ss_num_reg_images"] == "2"

@@ -153,3 +153,39 @@ def test_values_from_names_positional_values():
     assert form.values_from(("a", "b"), (1, 2)) == {"a": 1, "b": 2}
     with pytest.raises(ValueError):
         form.values_from(("a",), (1, 2))
+
+
+def test_validation_fields_reach_the_job_with_config_types():
+    job = form.to_job(filled())
+    assert job["validation_count"] == 0 and job["validation_split"] == 0.0 and job["keep_best"] is True
+    assert job["early_stopping_patience"] == 0 and job["validation_timesteps"] == 4
+    assert config_of(job).validation_interval == 0
+    job = form.to_job(filled(validation_count=3.0, validation_every=50.0, validation_timesteps=2.0,
+                             early_stopping_patience=4.0, early_stopping_min_delta=0.001, keep_best=False))
+    assert job["validation_count"] == 3 and isinstance(job["validation_count"], int)
+    assert job["validation_every"] == 50 and job["early_stopping_patience"] == 4 and job["keep_best"] is False
+    cfg = config_of(job)
+    assert (cfg.validation_count, cfg.validation_interval, cfg.validation_timesteps) == (3, 50, 2)
+    assert cfg.early_stopping_min_delta == 0.001 and cfg.keep_best is False
+    with pytest.raises(ConfigError) as e:  # early stopping without a held-out set is named
+        config_of(form.to_job(filled(early_stopping_patience=2.0)))
+    assert e.value.field == "early_stopping_patience"
+
+
+def test_stages_json_goes_into_the_job_and_malformed_json_is_named():
+    plan = [{"targets": "mid_proj", "steps": 20, "network_dim": 8},
+            {"targets": ["lora_te_*_layers_11_*"], "steps": 10, "te_lr": 5e-5, "name": "te"}]
+    job = form.to_job(filled(stages=json.dumps(plan, indent=1)))
+    assert job["stages"] == plan and "steps" not in job  # derived from the stages
+    cfg = config_of(job)
+    assert cfg.stages == plan and cfg.steps == 30
+    assert "stages" not in form.to_job(filled(stages="   ")) and form.to_job(filled())["steps"] == 30
+    with pytest.raises(ConfigError) as e:
+        form.to_job(filled(stages='[{"targets": "mid_proj", "steps": 20,}]'))
+    assert e.value.field == "stages" and "not valid JSON" in e.value.message and "column" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        form.to_job(filled(stages='{"targets": "mid_proj", "steps": 20}'))
+    assert e.value.field == "stages" and "list" in e.value.message
+    with pytest.raises(ConfigError) as e:  # well-formed JSON, bad stage: the config names the stage field
+        config_of(form.to_job(filled(stages='[{"targets": "mid_proj"}]')))
+    assert e.value.field == "stages[0].steps"

@@ -47,3 +47,29 @@ def test_shorter_lr_series_is_aligned_to_the_last_steps():
     img = plot.training_plot([1.0] * 100, [1e-3] * 10, size=SIZE)
     xs = [x for x, _ in pixels(img, plot.LR)]
     assert min(xs) > AREA[0] + 0.85 * (AREA[2] - AREA[0])
+
+
+def test_validation_series_is_drawn_at_its_steps_with_the_best_ringed():
+    losses = [1.0 / (1 + 0.1 * i) for i in range(100)]
+    assert not pixels(plot.training_plot(losses, [], size=SIZE), plot.VAL)
+    img = plot.training_plot(losses, [], size=SIZE, val_losses=[(25, 0.6), (50, 0.4), (100, 0.39)], best_step=50)
+    magenta, green = pixels(img, plot.VAL), pixels(img, plot.BEST)
+    assert magenta and green
+    xs = [x for x, _ in magenta]
+    span = AREA[2] - AREA[0]
+    assert AREA[0] + 0.2 * span < min(xs) < AREA[0] + 0.3 * span  # the first score sits at step 25 of 100
+    assert max(xs) > AREA[0] + 0.95 * span
+    gx = sum(x for x, _ in green) / len(green)
+    assert abs(gx - (AREA[0] + span * 49 / 99)) < 8  # the ring is around step 50 (not the lower 100: min_delta)
+    # without best_step the lowest score is ringed; the loss axis covers the validation values too
+    img = plot.training_plot([0.9, 0.8, 0.7, 0.6], [], size=SIZE, val_losses=[(2, 0.2), (4, 1.5)])
+    green = pixels(img, plot.BEST)
+    assert green and sum(x for x, _ in green) / len(green) < AREA[0] + 0.5 * span
+    blue_ys = [y for _, y in pixels(img, plot.SMOOTH)]
+    assert min(blue_ys) > AREA[1] + 10 and max(blue_ys) < AREA[3] - 10  # training losses inside the wider range
+
+
+def test_validation_only_and_non_finite_scores_draw():
+    assert pixels(plot.training_plot([], [], size=SIZE, val_losses=[(10, 0.3)]), plot.VAL)
+    img = plot.training_plot([0.5] * 10, [], size=SIZE, val_losses=[(5, float("nan")), (10, 0.4)])
+    assert pixels(img, plot.VAL) and pixels(img, plot.BEST)
