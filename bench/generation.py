@@ -42,7 +42,7 @@ class PeakRss:
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self._rss())
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     def __enter__(self):
         self.base = self._rss()

@@ -82,4 +82,18 @@ def run_info_fields(cfg, model, data, *, total: int, session_id: int, started_at
         prior_loss_weight=cfg.prior_loss_weight, caption_dropout_rate=cfg.caption_dropout,
         caption_tag_dropout_rate=cfg.tag_dropout, keep_tokens=cfg.keep_tokens, shuffle_caption=cfg.shuffle_caption,
         flip_aug=cfg.flip_aug, random_crop=cfg.random_crop,
-        **dataset_fields(data.dataset, data.plan, data.buckets))
+        **_dataset_fields(cfg, data))
+
+
+def _dataset_fields(cfg, data) -> Dict[str, Any]:
+    """kohya's dataset fields, with held-out validation images counted as kohya counts them: out of
+    ss_num_train_images, in ss_num_validation_images (and the validation settings in its ss_validation_* keys)."""
+    out = dataset_fields(data.dataset, data.plan, data.buckets)
+    held = list(getattr(data, "val_items", None) or [])
+    if held:
+        out["num_train_images"] -= sum(it.repeats for it in held)
+        out.update(num_validation_images=len(held), validation_seed=cfg.seed,
+                   validation_split=float(getattr(cfg, "validation_split", 0.0) or 0.0),
+                   validate_every_n_steps=getattr(cfg, "validation_interval", None))
+    return out
+

@@ -177,6 +177,17 @@ def test_best_file_holds_the_best_step_and_says_so(tmp_path):
     assert any(not torch.equal(at_best[k], final[k]) for k in at_best)
 
 
+def test_held_out_images_are_counted_as_kohya_counts_them(tmp_path):
+    from safetensors import safe_open
+
+    cfg = config(tmp_path, steps=2, output_dir=str(tmp_path / "out"))
+    result = trainer(cfg).run()
+    with safe_open(result.adapter_path, "pt") as f:
+        md = f.metadata()
+    assert (md["ss_num_train_images"], md["ss_num_validation_images"]) == ("4", "2")
+    assert md["ss_validate_every_n_steps"] == "2" and md["ss_validation_seed"] == str(cfg.seed)
+
+
 def test_keep_best_off_writes_no_best_file(tmp_path):
     cfg = config(tmp_path, steps=4, output_dir=str(tmp_path / "out"), keep_best=False)
     result = trainer(cfg).run()
