@@ -159,3 +159,42 @@ def test_dreambooth_generates_class_images_once_and_caches_them(webui, checkpoin
     assert [os.stat(os.path.join(folder, n)).st_mtime_ns for n in pngs] == stamps  # not rewritten
     with safe_open(again["output_path"], "pt") as f:
         assert f.metadata()["ss_num_reg_images"] == "2"
+
+
+def test_validation_best_file_and_staged_plan_in_the_webui(webui, checkpoints, dataset):
+    """A staged plan with a held-out image, in a real webui: the job reports its stages and validation scores, the
+    best file and the final file land in the Lora folder, carry the plan, and work in the built-in Lora."""
+    webui.load_checkpoint(checkpoints["sd1"].name)
+    before = webui.get("/tune/v1/model-hash")["sha256"]
+    name = "e2e-staged"
+    stages = [{"targets": "mid_proj", "steps": 6, "network_dim": 4, "network_alpha": 2, "name": "mid"},
+              {"targets": "cross_attn", "steps": 6, "network_dim": 8, "network_alpha": 4}]
+    job = train(webui, dataset=dataset, method="lora", output_name=name, trigger="zkw", overwrite=True,
+                stages=stages, validation_count=1, validation_every=3, keep_best=True,
+                **{k: v for k, v in TINY.items() if k not in ("network_dim", "network_alpha")})
+    assert job["state"] == "done", job
+    assert job["total"] == 12 and len(job["losses"]) == 12
+    assert job["stage"]["of"] == 2, job["stage"]
+    assert any("stage 2/2" in ev for ev in job["events"]), job["events"]
+    steps = [s for s, _ in job["val_losses"]]
+    assert steps == [3, 6, 9, 12], job["val_losses"]
+    best = min(job["val_losses"], key=lambda sv: sv[1])
+    assert job["best_step"] == best[0]
+    assert job["best_path"].startswith(str(webui.lora_dir)) and job["best_path"].endswith(f"{name}-best.safetensors")
+    with safe_open(job["best_path"], "pt") as f:
+        assert f.metadata()["ss_tune_best_step"] == str(best[0])
+    with safe_open(job["output_path"], "pt") as f:
+        md, keys = f.metadata(), list(f.keys())
+        ranks = {f.get_tensor(k).shape[0] for k in keys if k.endswith("lora_down.weight")}
+    assert json.loads(md["ss_tune_stages"])[0]["name"] == "mid"
+    assert ranks == {4, 8}
+    assert any(("mid_block" in k or "middle_block" in k) and "proj_in" in k for k in keys), keys
+    assert any("attn2_to_k" in k for k in keys), keys
+    assert webui.get("/tune/v1/model-hash")["sha256"] == before
+    webui.post("/sdapi/v1/refresh-loras")
+    webui.post("/tune/v1/refresh")
+    base = first_image(webui.txt2img("a red square zkw", seed=3, steps=4, size=64))
+    builtin = first_image(webui.txt2img(f"a red square zkw <lora:{name}:1>", seed=3, steps=4, size=64))
+    ours = first_image(webui.txt2img(f"a red square zkw <tune:{name}:1>", seed=3, steps=4, size=64))
+    assert max_abs_diff(builtin, ours) <= 2
+    assert max_abs_diff(base, ours) > 0
