@@ -3,10 +3,13 @@ images at fixed noise and timesteps falls after training, measured through the f
 base model is bit-identical afterwards, also after an exception or a stop mid-run.
 
 Learning rates are about ten times a real model's (docs webui-host.md: a tiny random model needs that). Textual
-inversion is measured differently: on these random models the text conditioning barely matters (zeroing the whole
-conditioning moves the loss by about 2%), so no choice of vectors can remove 30% of the loss; the TI test asks for
-a clear gain over the initial vectors and for the gain to belong to the trigger word.
+inversion needs one more thing: on these random models the text conditioning barely matters (zeroing the whole
+conditioning moves the loss by about 2%: the cross-attention branch is a small part of the residual stream), so
+no choice of vectors could remove 30% of the loss. The TI test scales the cross-attention output projections
+(attn2.to_out) by 8 for its duration, as in a trained model where the prompt steers the image, and restores them
+bit for bit afterwards; it also checks that the gain belongs to the trigger word.
 """
+import contextlib
 import os
 
 import pytest
@@ -100,10 +103,35 @@ def test_lora_learns_the_concept(tiny_ldm_sd1, concept, tmp_path):
         "stable-diffusion-v1/lora"
 
 
+@contextlib.contextmanager
+def text_that_matters(sd_model, factor: float = 8.0):
+    """The UNet's cross-attention output projections scaled by `factor`, restored exactly afterwards."""
+    saved = []
+    with torch.no_grad():
+        for name, m in sd_model.model.diffusion_model.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                saved.append((m.weight, m.weight.detach().clone()))
+                m.weight.mul_(factor)
+    assert saved
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
 def test_textual_inversion_learns_through_the_trigger_only(tiny_ldm_sd1, concept, tmp_path):
+    untouched = model_fingerprint(tiny_ldm_sd1)
+    with text_that_matters(tiny_ldm_sd1):
+        _textual_inversion_learns(tiny_ldm_sd1, concept, tmp_path)
+    assert model_fingerprint(tiny_ldm_sd1) == untouched
+
+
+def _textual_inversion_learns(tiny_ldm_sd1, concept, tmp_path):
     before = model_fingerprint(tiny_ldm_sd1)
-    dm, trainer = make(tiny_ldm_sd1, concept, tmp_path, method="ti", output_name="sqtok", steps=120,
-                       num_vectors=8, emb_lr=0.3, init_text="square")
+    dm, trainer = make(tiny_ldm_sd1, concept, tmp_path, method="ti", output_name="sqtok", steps=300,
+                       num_vectors=16, emb_lr=0.3, init_text="square")
     initial = [TrainableEmbedding("sqtok", {k: v.detach().clone() for k, v in e.vectors.items()})
                for e in trainer.adapter.embeddings]
     at_init = fixed_loss(trainer, embeddings=initial)
@@ -113,7 +141,7 @@ def test_textual_inversion_learns_through_the_trigger_only(tiny_ldm_sd1, concept
     from safetensors.torch import load_file
 
     tensors = load_file(result.adapter_path)
-    assert set(tensors) == {"emb_params"} and tensors["emb_params"].shape == (8, 64)
+    assert set(tensors) == {"emb_params"} and tensors["emb_params"].shape == (16, 64)
     trained = fixed_loss(trainer, embeddings=[TrainableEmbedding("sqtok", {"clip_l": tensors["emb_params"]})])
     reduction = 1 - trained / at_init
     # the same vectors without the trigger in the prompt: the base model's loss
@@ -122,7 +150,7 @@ def test_textual_inversion_learns_through_the_trigger_only(tiny_ldm_sd1, concept
     plain = fixed_loss(trainer, captions=CAPTION)
     print(f"TI SD1: fixed-noise loss {at_init:.4f} (initial vectors) -> {trained:.4f} ({reduction:.1%} lower); "
           f"prompt without the trigger {plain:.4f} / {no_trigger:.4f}")
-    assert reduction >= 0.025
+    assert reduction >= 0.30
     assert no_trigger == pytest.approx(plain, rel=1e-6)
 
 
