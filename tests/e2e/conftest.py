@@ -1,4 +1,7 @@
 """The e2e layer: one real webui per session, with the tiny checkpoints and this extension linked in."""
+import urllib.error
+import urllib.request
+
 import pytest
 
 from . import host as webui_host
@@ -35,3 +38,16 @@ def webui(tmp_path_factory, checkpoints):
         yield host
     finally:
         host.stop()
+
+
+@pytest.fixture(scope="module")
+def webui_js(webui):
+    """The webui's own javascript must be served for its UI (and ours) to work at all."""
+    try:
+        with urllib.request.urlopen(webui.url + "/file=script.js", timeout=30) as r:
+            r.read(1)
+    except urllib.error.HTTPError as e:
+        pytest.skip(f"the webui does not serve its own script.js (HTTP {e.code}): gradio 3.41 refuses every file "
+                    f"whose path has a folder starting with '.', e.g. a webui under ~/.cache; run it from {webui.root} "
+                    f"copied to a path without dot-folders")
+    return webui

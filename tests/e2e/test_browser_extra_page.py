@@ -7,8 +7,6 @@ Waits are generous (a slow, shared 2-core CPU): each waits for a state the UI mu
 """
 import io
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -43,14 +41,7 @@ def page_files(webui, checkpoints, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def webui_js(webui):
-    try:
-        with urllib.request.urlopen(webui.url + "/file=script.js", timeout=30) as r:
-            r.read(1)
-    except urllib.error.HTTPError as e:
-        pytest.skip(f"the webui does not serve its own script.js (HTTP {e.code})")
-    return webui
+
 
 
 def _open_tune_page(pg):

@@ -6,8 +6,6 @@ a timing assertion.
 """
 import json
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -27,19 +25,6 @@ def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune-tab-dataset")
     write_images(d)
     return str(d)
-
-
-@pytest.fixture(scope="module")
-def webui_js(webui):
-    """The webui's own javascript must be served for its UI (and ours) to work at all."""
-    try:
-        with urllib.request.urlopen(webui.url + "/file=script.js", timeout=30) as r:
-            r.read(1)
-    except urllib.error.HTTPError as e:
-        pytest.skip(f"the webui does not serve its own script.js (HTTP {e.code}): gradio 3.41 refuses every file "
-                    f"whose path has a folder starting with '.', e.g. a webui under ~/.cache; run it from {webui.root} "
-                    f"copied to a path without dot-folders")
-    return webui
 
 
 def open_tune_tab(pg):

@@ -2,7 +2,6 @@
 engine give the same image with them, Interrupt leaves a valid file and an unchanged model, and a txt2img sent
 during training completes."""
 import json
-import threading
 import time
 
 import pytest

@@ -10,6 +10,8 @@ from safetensors import safe_open
 
 from tests.unit.train_fakes import write_images
 
+from .test_training import wait
+
 TINY = dict(resolution=64, min_bucket=64, max_bucket=128, unet_lr=5e-3, te_lr=1e-3, network_dim=8,
             network_alpha=4, seed=1)
 MESSAGE = "interrupt it before switching checkpoints"
@@ -20,16 +22,6 @@ def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("guard-dataset")
     write_images(d)
     return str(d)
-
-
-def wait(webui, job_id, timeout=600):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        j = webui.get(f"/tune/v1/jobs/{job_id}")
-        if j["state"] in ("done", "failed", "interrupted"):
-            return j
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {j}")
 
 
 def test_checkpoint_switch_is_refused_during_training(webui, checkpoints, dataset):
