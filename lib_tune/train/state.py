@@ -128,7 +128,7 @@ class Checkpoints:
 
     def leftovers(self) -> List[str]:
         """What a process killed mid-save left behind: temporary state folders (`.tmp-PID-*`), a replaced state
-        (`step-N.old-*`) and temporary adapter files (`.NAME*.safetensors.PID.*.tmp`) of processes that are no
+        (`step-N.old-*`) and temporary adapter files (`.NAME[-stepN|-best].safetensors.PID.*.tmp`) of processes that are no
         longer alive. None of them is ever read (state_steps / adapter_steps match only complete names)."""
         out = []
         if os.path.isdir(self.state_dir):
@@ -138,7 +138,7 @@ class Checkpoints:
                     out.append(os.path.join(self.state_dir, name))
         if os.path.isdir(self.output_dir):
             rx = re.compile(r"^\." + re.escape(self.output_name)
-                            + r"(-step\d+)?\.safetensors\.(\d+)\.[0-9a-f]+\.tmp$")
+                            + r"(-step\d+|-best)?\.safetensors\.(\d+)\.[0-9a-f]+\.tmp$")
             for name in os.listdir(self.output_dir):
                 m = rx.match(name)
                 if m and not _alive(int(m[2])):

@@ -213,3 +213,16 @@ def test_sigkill_while_writing_an_adapter(tmp_path, uninterrupted):
 
 if __name__ == "__main__":
     child(sys.argv[1], sys.argv[2])
+
+
+def test_leftovers_of_dead_writers_include_the_best_file_and_spare_live_ones(tmp_path):
+    from lib_tune.train.state import Checkpoints
+
+    ck = Checkpoints(str(tmp_path), "fake")
+    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
+    names = [f".fake-best.safetensors.{dead}.0a1b2c3d.tmp", f".fake-step000004.safetensors.{dead}.0a1b2c3d.tmp",
+             f".fake.safetensors.{dead}.0a1b2c3d.tmp", f".fake-best.safetensors.{os.getpid()}.0a1b2c3d.tmp",
+             f".other-best.safetensors.{dead}.0a1b2c3d.tmp"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"half")
+    assert ck.leftovers() == sorted(str(tmp_path / n) for n in names[:3])
