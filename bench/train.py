@@ -26,9 +26,14 @@ webui already holds) and the training's own increment (peak - loaded); ratios ou
 RSS, and our increment / kohya's whole process (what training in the webui adds vs. what a separate kohya run
 needs).
 
-Measured 2026-11-26 on a shared 2-core CPU machine (1 thread each, fastest of 2 alternating rounds): kohya 9.90
-s/step, peak RSS 8.46 GiB; ours "full" (192 modules) 9.76 s/step (ratio 0.99), peak 5.65 GiB of which 4.56 GiB is
-the loaded model (increment 1.08 GiB, 0.13 of kohya's process); ours "attn" (128 modules) 9.19 s/step, 5.45 GiB.
+Measured 2026-11-26 on a 2-core CPU machine, 1 thread each:
+- first session (fastest of 2 alternating rounds, a shared machine): kohya 9.90 s/step, peak RSS 8.46 GiB; ours
+  "full" (192 modules) 9.76 s/step (ratio 0.99), peak 5.65 GiB of which 4.56 GiB is the loaded model (increment
+  1.08 GiB, 0.13 of kohya's process); ours "attn" (128 modules) 9.19 s/step, 5.45 GiB;
+- second session, after the text-encoder output cache (train/text_cache.py) and the LoRA scale on the rank-r
+  intermediate (1 round, a quiet machine): kohya 10.80 s/step, 8.46 GiB; ours "full" 9.60 s/step (ratio 0.89),
+  5.49 GiB (0.65; increment 0.93 GiB, 0.11); "attn" 9.73 s/step (0.90), 5.35 GiB (0.63). kohya's own figure moved
+  by 9% between the sessions: single rounds carry that much noise.
 
 usage (from the repository root, with the project venv; ~10 minutes per round on 2 cores, more the first time):
     .venv/bin/python bench/train.py [--steps 12] [--targets full,attn] [--threads 1] [--rounds 1] [--skip-kohya]
