@@ -60,6 +60,12 @@ def _refuse(action: str):
     message = f"sd-webui-tune: training '{name}' is running on {title}; interrupt it before {action}"
     print(message)
     job.log(f"refused {action}")
+    if info is not None:  # the setting names the checkpoint still loaded, also where nothing restores it
+        # (a txt2img with override_settings_restore_afterwards false)
+        from modules import shared
+        named = sd_models.get_closet_checkpoint_match(str(shared.opts.data.get("sd_model_checkpoint") or ""))
+        if named is None or named.filename != info.filename:
+            shared.opts.data["sd_model_checkpoint"] = info.title
     try:
         import gradio as gr
         gr.Warning(message)

@@ -43,20 +43,26 @@ def test_checkpoint_switch_is_refused_during_training(webui, checkpoints, datase
         webui.txt2img("a photo", override_settings={"sd_model_checkpoint": other})
     assert MESSAGE in json.loads(e.value.read())["errors"]
     assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"] == loaded
+    # also when the request asks not to restore its overrides: the setting keeps naming the loaded checkpoint
+    with pytest.raises(urllib.error.HTTPError) as e:
+        webui.txt2img("a photo", override_settings={"sd_model_checkpoint": other},
+                      override_settings_restore_afterwards=False)
+    assert MESSAGE in json.loads(e.value.read())["errors"]
+    assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"].startswith(checkpoints["sd1"].name)
     mid = webui.get(f"/tune/v1/jobs/{r['id']}")
     assert mid["state"] == "running" and mid["step"] < steps, f"the job ended before the switch was tried: {mid}"
 
     job = wait(webui, r["id"])
     assert job["state"] == "done", job
     assert job["step"] == steps and len(job["losses"]) == steps
-    assert sum("refused switching checkpoints" in ev for ev in job["events"]) >= 2, job["events"]
+    assert sum("refused switching checkpoints" in ev for ev in job["events"]) >= 3, job["events"]
     with safe_open(job["output_path"], "pt") as f:
         md = f.metadata()
     assert checkpoints["sd1"].stem in md["ss_sd_model_name"], md["ss_sd_model_name"]
     log = webui.current_log()
     # the checkpoint as the webui titles it ("tiny-sd1.safetensors [a6acd2b519]")
     said = re.findall(r"sd-webui-tune: training 'e2e-guard' is running on (.+); " + re.escape(MESSAGE), log)
-    assert len(said) >= 2 and all(s.startswith(checkpoints["sd1"].name) for s in said), said
+    assert len(said) >= 3 and all(s.startswith(checkpoints["sd1"].name) for s in said), said
     assert webui.get("/tune/v1/model-hash")["sha256"] == before  # the model trained on is unharmed
 
     # with no job running, switching works again
