@@ -329,21 +329,13 @@ class Trainer:
         optimizer with its LRs and a schedule over its steps."""
         cfg, st = self.config, self.plan[index]
         self.stage_index = index
-        own = set(st.keys)
-        groups = {"unet": [], "te": [], "emb": []}
         for p in self.adapter.parameters():  # no stale gradient of the previous stage reaches the clipping
             p.requires_grad_(False)
             p.grad = None
-        for key, net in self.adapter.modules.items():
-            if key in own:
-                ps = [t for t in net.weights.values() if isinstance(t, torch.nn.Parameter)]
-                for p in ps:
-                    p.requires_grad_(True)
-                groups["te" if key in self.adapter.te_keys else "unet"].extend(ps)
-        for e in self.adapter.embeddings:
-            for p in e.parameters():
+        groups = self.adapter.param_groups(set(st.keys))
+        for ps in groups.values():
+            for p in ps:
                 p.requires_grad_(True)
-                groups["emb"].append(p)
         lrs = {"unet": st.unet_lr, "te": st.te_lr, "emb": cfg.emb_lr}
         self.optimizer = build_optimizer(cfg.optimizer, groups, lrs, cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, st.steps, stage_warmup(cfg, st),

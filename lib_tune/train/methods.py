@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -321,10 +321,13 @@ class TrainableAdapter:
     def has_network(self) -> bool:
         return bool(self.modules)
 
-    def param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
-        """{"unet": [...], "te": [...], "emb": [...]} (empty lists where nothing trains)."""
+    def param_groups(self, keys: Optional[Collection[str]] = None) -> Dict[str, List[torch.nn.Parameter]]:
+        """{"unet": [...], "te": [...], "emb": [...]} (empty lists where nothing trains); `keys`: only those
+        modules (the embeddings always)."""
         groups: Dict[str, List[torch.nn.Parameter]] = {"unet": [], "te": [], "emb": []}
         for key, net in self.modules.items():
+            if keys is not None and key not in keys:
+                continue
             groups["te" if key in self.te_keys else "unet"].extend(
                 t for t in net.weights.values() if isinstance(t, torch.nn.Parameter))
         for e in self.embeddings:
