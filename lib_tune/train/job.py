@@ -124,8 +124,7 @@ def validate_config(cfg: TrainConfig, resolution: int) -> Dict[str, Any]:
     out["text"] = report.to_text()
     if cfg.has_validation:  # the held-out images (ConfigError naming the field when none would stay to train)
         from .data import held_out_split
-        from .dataset import discover
-        out["held_out"] = held_out_split(discover(ds_cfg), cfg.seed, cfg.validation_count, cfg.validation_split,
+        out["held_out"] = held_out_split(report.dataset, cfg.seed, cfg.validation_count, cfg.validation_split,
                                          out.get("excluded") or ())
     return out
 
@@ -157,10 +156,14 @@ class ModelChanged(RuntimeError):
     """The host's loaded model is no longer the object the job trains (the checkpoint was switched anyway)."""
 
 
-def _model_name(model) -> str:
+def model_title(model) -> Optional[str]:
+    """The webui's title of a loaded model's checkpoint ("name.safetensors [hash]"), else its file, else None."""
     info = getattr(model, "sd_checkpoint_info", None)
-    return str(getattr(info, "title", None) or getattr(model, "sd_model_checkpoint", None)
-               or ("no model" if model is None else type(model).__name__))
+    return getattr(info, "title", None) or getattr(model, "sd_model_checkpoint", None)
+
+
+def _model_name(model) -> str:
+    return str(model_title(model) or ("no model" if model is None else type(model).__name__))
 
 
 def check_model(expected, current_model: Optional[Callable[[], Any]]) -> None:

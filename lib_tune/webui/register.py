@@ -53,9 +53,10 @@ def _refuse(action: str):
     if job is None:
         return
     from modules import sd_models
+    from ..train.job import model_title
     model = sd_models.model_data.sd_model  # not shared.sd_model: with no model it would load one
     info = getattr(model, "sd_checkpoint_info", None)
-    title = getattr(info, "title", None) or getattr(model, "sd_model_checkpoint", None) or "the loaded checkpoint"
+    title = model_title(model) or "the loaded checkpoint"
     name = job.config.get("output_name") or job.id
     message = f"sd-webui-tune: training '{name}' is running on {title}; interrupt it before {action}"
     print(message)
