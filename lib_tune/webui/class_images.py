@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from modules import shared
 
-from ..train.class_images import ClassImagePlan, plan_class_images
+from ..train.class_images import ClassImagePlan, plan_class_images, write_class_image
 from ..train.config import TrainConfig
 from ..train.job import Stopped
 
@@ -39,40 +39,37 @@ def plan(cfg: TrainConfig, data_dir: str, resolution: int) -> Optional[ClassImag
 
 def generate(p: ClassImagePlan, should_stop: Callable[[], bool], log: Callable[[str], None]) -> int:
     """Render the plan's missing images; returns how many were written. Raises job.Stopped when stopped."""
-    from modules import processing, sd_models
+    from modules import sd_models
     from modules.call_queue import queue_lock
+
+    from .render import render
 
     total = len(p.missing)
     done = 0
+
+    def stopped():
+        return Stopped(f"stopped while generating class images ({done} of {total} written to {p.folder}; the next "
+                       f"run generates the rest)")
     if total:
         shared.state.begin(job="Tune: class images")  # (also clears a stale Interrupt)
     for n, index in enumerate(p.missing):
         if should_stop() or shared.state.interrupted:
-            raise Stopped(f"stopped while generating class images ({done} of {total} written to "
-                                   f"{p.folder}; the next run generates the rest)")
+            raise stopped()
         with queue_lock:
             shared.state.job = "Tune: class images"
             shared.state.job_count = total
             shared.state.job_no = n
             shared.state.textinfo = f"Tune: class image {n + 1}/{total}"
-            proc = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=sd_models.model_data.sd_model, prompt=p.prompt, negative_prompt=p.negative_prompt,
-                steps=p.steps, width=p.width, height=p.height, seed=p.seed_of(index), subseed=-1,
-                subseed_strength=0.0, cfg_scale=p.cfg_scale, sampler_name=p.sampler, scheduler=p.scheduler,
-                batch_size=1, n_iter=1, do_not_save_grid=True, do_not_save_samples=True)
-            proc.disable_extra_networks = True  # the base model alone: no <lora:>/<tune:> from the prompt
-            try:
-                processed = processing.process_images(proc)
-            finally:
-                proc.close()
+            # the base model alone: render() leaves the prompt's <lora:>/<tune:> tags inactive
+            image = render(sd_models.model_data.sd_model, p.prompt, negative_prompt=p.negative_prompt,
+                           seed=p.seed_of(index), width=p.width, height=p.height, steps=p.steps,
+                           cfg_scale=p.cfg_scale, sampler=p.sampler, scheduler=p.scheduler)
             if shared.state.interrupted or should_stop():  # a partial image is not a class image
-                raise Stopped(f"stopped while generating class images ({done} of {total} written to "
-                                       f"{p.folder}; the next run generates the rest)")
-            if not processed.images:
+                raise stopped()
+            if image is None:
                 raise RuntimeError(f"the webui returned no image for class image {index}")
-            from ..train.class_images import write_class_image
-            write_class_image(p, index, processed.images[0])
-            shared.state.assign_current_image(processed.images[0])
+            write_class_image(p, index, image)
+            shared.state.assign_current_image(image)
             done += 1
     log(f"class images: generated {done}, found {p.existing} in {p.folder}")
     return done

@@ -124,25 +124,15 @@ class _WebuiHooks:
         return bool(shared.state.interrupted)
 
     def on_sample(self, job, step):
-        from modules import processing
+        from .render import render
         os.makedirs(self.sample_dir, exist_ok=True)
         m = shared.sd_model
         size = self.cfg.resolution or _model_resolution()
         for i, prompt in enumerate(self.sample_prompts):
-            p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=m, prompt=prompt, negative_prompt="", steps=int(self.cfg_value("sample_steps", 20)),
-                width=size, height=size, seed=int(self.cfg.seed) + i, cfg_scale=7.0, sampler_name="Euler",
-                batch_size=1, n_iter=1, do_not_save_grid=True, do_not_save_samples=True)
-            p.disable_extra_networks = True
-            keep = (shared.state.job, shared.state.sampling_steps, shared.state.sampling_step, shared.state.textinfo)
-            try:
-                processed = processing.process_images(p)
-            finally:
-                p.close()
-                shared.state.job, shared.state.sampling_steps, shared.state.sampling_step, shared.state.textinfo = keep
-            if not processed.images:
+            img = render(m, prompt, seed=int(self.cfg.seed) + i, width=size, height=size,
+                         steps=int(self.cfg_value("sample_steps", 20)), cfg_scale=7.0, sampler="Euler")
+            if img is None:
                 continue
-            img = processed.images[0]
             path = os.path.join(self.sample_dir, f"step{step:06d}-{i}.png")
             img.save(path)
             job.samples.append({"step": step, "prompt": prompt, "path": path})
