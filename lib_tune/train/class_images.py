@@ -26,6 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .image_check import incomplete
+
 DEFAULT_SAMPLER = "Euler"
 DEFAULT_SCHEDULER = "Automatic"
 DEFAULT_STEPS = 20
@@ -86,13 +88,23 @@ def cache_key(model_hash: str, prompt: str, width: int, height: int, seed: int, 
 
 
 def count_images(folder: str) -> int:
-    """Images directly in `folder` and in its sub-folders (kohya's N_name folders count too)."""
+    """Usable images directly in `folder` and in its sub-folders (kohya's N_name folders count too). A damaged
+    file (truncated by a full disk or a killed process) does not count: it is left out of training by the
+    dataset check, and in the cache it is rendered again."""
     if not os.path.isdir(folder):
         return 0
     n = 0
-    for _root, _dirs, files in os.walk(folder):
-        n += sum(1 for f in files if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    for root, _dirs, files in os.walk(folder):
+        n += sum(1 for f in files if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
+                 and _usable(os.path.join(root, f)))
     return n
+
+
+def _usable(path: str) -> bool:
+    try:
+        return incomplete(path) is None
+    except OSError:
+        return False
 
 
 def plan_class_images(config, model_hash: str, cache_root: str, resolution: int, vae: str = "",
@@ -124,7 +136,9 @@ def plan_class_images(config, model_hash: str, cache_root: str, resolution: int,
 def _free_indices(plan: ClassImagePlan, need: int):
     i = 0
     while need > 0:
-        if not os.path.exists(plan.image_path(i)):
+        path = plan.image_path(i)
+        # in the cache a damaged image is rendered again in place; a user's class_dir file is never replaced
+        if not os.path.lexists(path) or (plan.cached and os.path.isfile(path) and not _usable(path)):
             yield i
             need -= 1
         i += 1

@@ -87,6 +87,8 @@ class TrainingData:
             raise ValueError(f"{len(unreadable)} image(s) cannot be read, e.g. {unreadable[0]}: validate the "
                              f"dataset and exclude them")
         self.dataset = dataset
+        #: paths left out because they cannot train (the validator's report), counted in the file's metadata
+        self.excluded: List[str] = sorted(set(exclude))
         self.model = model
         self.items: List[ImageItem] = [it for it, _ in entries]
         self.plan: BucketPlan = plan_buckets([it.size for it in self.items], [r for _, r in entries], buckets)

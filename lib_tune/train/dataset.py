@@ -30,6 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageOps
 
+from .image_check import incomplete
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
 _REPEATS_RE = re.compile(r"^(\d+)_(.*)$")
@@ -334,9 +336,21 @@ def read_image_size(path: str) -> Tuple[int, int]:
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
 
 
+class BadImage(Exception):
+    """An image that cannot train: `path` and `reason` in words."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 def load_image(path: str, background: Tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """The image as RGB, EXIF orientation applied, transparency composited onto `background` (the colour under
-    transparent pixels is undefined, so dropping alpha would train on garbage)."""
+    transparent pixels is undefined, so dropping alpha would train on garbage). A truncated or damaged file
+    raises BadImage, whatever Pillow's process-wide LOAD_TRUNCATED_IMAGES says (image_check)."""
+    why = incomplete(path)
+    if why:
+        raise BadImage(path, why)
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)

@@ -89,6 +89,11 @@ def _dataset_fields(cfg, data) -> Dict[str, Any]:
     """kohya's dataset fields, with held-out validation images counted as kohya counts them: out of
     ss_num_train_images, in ss_num_validation_images (and the validation settings in its ss_validation_* keys)."""
     out = dataset_fields(data.dataset, data.plan, data.buckets)
+    skipped = set(getattr(data, "excluded", ()) or ())
+    if skipped:  # images that could not train are not training images (they are counted on their own)
+        out["num_train_images"] -= sum(it.repeats for it in data.dataset.train_items if it.path in skipped)
+        out["num_reg_images"] -= sum(it.repeats for it in data.dataset.reg_items if it.path in skipped)
+        out["num_skipped_images"] = len(skipped)
     held = list(getattr(data, "val_items", None) or [])
     if held:
         out["num_train_images"] -= sum(it.repeats for it in held)

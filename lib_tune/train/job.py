@@ -116,7 +116,8 @@ def validate_config(cfg: TrainConfig, resolution: int) -> Dict[str, Any]:
                            step=cfg.bucket_step, no_upscale=cfg.bucket_no_upscale, enabled=cfg.enable_bucket)
     report = validate_dataset(ValidationConfig(dataset=ds_cfg, buckets=buckets, batch_size=cfg.batch_size,
                                                max_train_steps=cfg.steps,
-                                               gradient_accumulation_steps=cfg.gradient_accumulation))
+                                               gradient_accumulation_steps=cfg.gradient_accumulation,
+                                               on_bad_image=getattr(cfg, "on_bad_image", "skip")))
     out = report.to_dict()
     out["bucket_histogram"] = {(f"{k[0]}x{k[1]}" if isinstance(k, tuple) else str(k)): v
                                for k, v in out["bucket_histogram"].items()}

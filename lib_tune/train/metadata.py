@@ -144,6 +144,8 @@ class RunInfo:
     num_train_images: int = 0
     num_reg_images: int = 0
     num_validation_images: int = 0
+    #: images left out because they cannot train (validator, on_bad_image="skip"); ss_tune_skipped_images
+    num_skipped_images: int = 0
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
@@ -281,6 +283,8 @@ def build_ss_metadata(run: RunInfo) -> Dict[str, str]:
     }
     if r.network_args:
         m["ss_network_args"] = json.dumps(r.network_args)
+    if r.num_skipped_images:  # ours: images of the dataset left out because they could not train
+        m["ss_tune_skipped_images"] = r.num_skipped_images
     if r.sd_model_name is not None:
         if r.sd_model_hash is not None:
             m["ss_sd_model_hash"] = r.sd_model_hash

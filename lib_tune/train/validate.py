@@ -9,20 +9,23 @@ tiny image) or "info" (worth knowing: caption taken from the instance prompt, tr
 from __future__ import annotations
 
 import os
-import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from PIL import Image, ImageFile
+from PIL import Image
 
-from .buckets import BucketConfig, assign_bucket, derive_schedule, plan_buckets
-from .dataset import Dataset, DatasetConfig, discover, has_trigger
+from .buckets import BucketConfig, apply_transform, assign_bucket, derive_schedule, plan_buckets, plan_transform
+from .dataset import BadImage, Dataset, DatasetConfig, discover, has_trigger, load_image
+from .image_check import incomplete
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 _NORMAL_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "La", "PA"}
-_truncation_lock = threading.Lock()
+#: what happens to an image that cannot train: "skip" leaves it out with a warning, "fail" stops the run
+BAD_IMAGE_POLICIES = ("skip", "fail")
+#: problem codes that mean "this image cannot train" (left out under on_bad_image="skip")
+BAD_IMAGE_CODES = ("corrupt_image", "truncated_image", "image_too_large", "too_small", "bucket_decode_failed",
+                   "caption_unreadable")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class ValidationConfig:
     epochs: Optional[int] = 10
     max_train_steps: Optional[int] = None
     gradient_accumulation_steps: int = 1
+    #: "skip" (default): unusable images are left out of training with a warning; "fail": they stop the run
+    on_bad_image: str = "skip"
 
 
 @dataclass
@@ -60,6 +65,8 @@ class Report:
     total_steps: int = 0
     #: paths that cannot train (errors); the trainer passes them to Dataset.entries(exclude=...)
     excluded: List[str] = field(default_factory=list)
+    #: images left out of training under on_bad_image="skip" (each also has a warning in `problems`)
+    skipped_images: List[str] = field(default_factory=list)
     dataset: Optional[Dataset] = field(default=None, repr=False)
 
     @property
@@ -81,6 +88,7 @@ class Report:
             "bucket_histogram", "batches_per_epoch", "steps_per_epoch", "epochs", "total_steps", "excluded")}
         d["bucket_histogram"] = dict(self.bucket_histogram)
         d["excluded"] = list(self.excluded)
+        d["skipped_images"] = list(self.skipped_images)
         d["ok"] = self.ok
         d["problems"] = [asdict(p) for p in self.problems]
         return d
@@ -91,6 +99,9 @@ class Report:
             f"{len(self.by_severity(WARNING))} warning(s)",
             f"images: {self.num_images} ({self.num_images_with_repeats} with repeats)",
         ]
+        if self.skipped_images:
+            lines.append(f"left out: {len(self.skipped_images)} image(s) that cannot train (warnings below; "
+                         f"on_bad_image=\"fail\" stops the run instead)")
         if self.num_class_images:
             lines.append(f"class images: {self.num_class_images} "
                          f"({self.num_class_images_balanced} per epoch, balanced to the training images)")
@@ -112,32 +123,24 @@ class Report:
         return "\n".join(lines)
 
 
-@contextmanager
-def _strict_truncation():
-    """Make truncated files fail to decode even if something (BLIP in the webui does) set Pillow's global
-    LOAD_TRUNCATED_IMAGES; restored afterwards."""
-    with _truncation_lock:
-        old = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            yield
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = old
-
-
 def check_image(path: str) -> List[Problem]:
-    """Open, verify and fully decode one image; problems found (empty when it is fine)."""
+    """Check one image's container (image_check: per call, never through Pillow's process-wide switch) and
+    verify it; problems found (empty when it is fine). check_at_bucket then decodes it as training will."""
     out: List[Problem] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            why = incomplete(path)
+            if why:
+                return [Problem(ERROR, "truncated_image", why, path)]
             with Image.open(path) as im:
                 im.verify()  # structural checks (PNG CRCs, ...)
-            with _strict_truncation(), Image.open(path) as im:
-                im.load()  # decodes everything: truncated data fails here
+            with Image.open(path) as im:
                 mode, frames = im.mode, getattr(im, "n_frames", 1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return [Problem(ERROR, "image_too_large", f"image too large to load safely: {e}", path)]
+    except BadImage as e:
+        return [Problem(ERROR, "truncated_image", e.reason, path)]
     except Exception as e:
         return [Problem(ERROR, "corrupt_image", f"cannot read image ({type(e).__name__}: {e})", path)]
     if mode not in _NORMAL_MODES:
@@ -145,6 +148,22 @@ def check_image(path: str) -> List[Problem]:
     if frames > 1:
         out.append(Problem(WARNING, "animated", f"{frames} frames: only the first is used", path))
     return out
+
+
+def check_at_bucket(path: str, size, assignment) -> Optional[Problem]:
+    """The image cut to its bucket exactly as training cuts it; a Problem when that fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = apply_transform(load_image(path), plan_transform(size, assignment))
+        if tuple(img.size) != tuple(assignment.bucket):
+            return Problem(ERROR, "bucket_decode_failed",
+                           f"decodes to {img.size[0]}x{img.size[1]}, not its bucket "
+                           f"{assignment.bucket[0]}x{assignment.bucket[1]}", path)
+    except Exception as e:
+        return Problem(ERROR, "bucket_decode_failed",
+                       f"cannot be decoded at its bucket size ({type(e).__name__}: {e})", path)
+    return None
 
 
 def validate_dataset(config: ValidationConfig) -> Report:
@@ -184,19 +203,37 @@ def validate_dataset(config: ValidationConfig) -> Report:
             P.append(Problem(ERROR, "too_small", str(e), it.path))
             excluded.add(it.path)
             continue
+        bad = check_at_bucket(it.path, it.size, a)
+        if bad is not None:
+            P.append(bad)
+            excluded.add(it.path)
+            continue
         if min(w, h) < bcfg.min_size:
             P.append(Problem(WARNING, "small_image",
                              f"{w}x{h} is smaller than the bucket minimum {bcfg.min_size}"
                              + ("" if bcfg.no_upscale else f" (upscaled to {a.resized[0]}x{a.resized[1]})"),
                              it.path))
-        _caption_problems(it, dcfg, P)
+        if _caption_problems(it, dcfg, P):
+            excluded.add(it.path)
 
+    if config.on_bad_image not in BAD_IMAGE_POLICIES:
+        P.append(Problem(ERROR, "bad_option", f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
+                                              f"not {config.on_bad_image!r}"))
+    elif config.on_bad_image == "skip":
+        for p in P:
+            if p.severity == ERROR and p.code in BAD_IMAGE_CODES:
+                p.severity = WARNING
+                p.message += " - left out of training"
+        report.skipped_images = sorted(excluded)
     _duplicate_problems(ds, excluded, P)
     _trigger_summary(ds, dcfg, P)
 
     train = [it for it in ds.train_items if it.path not in excluded]
     if not train:
-        P.append(Problem(ERROR, "no_images", "no usable training images", dcfg.train_dir or None))
+        bad = len([it for it in ds.train_items if it.path in excluded])
+        P.append(Problem(ERROR, "no_images", f"no usable training images ({bad} found, none usable: see the "
+                                             f"problems above)" if bad else "no training images found "
+                                             "(supported: png, jpg, jpeg, webp, bmp)", dcfg.train_dir or None))
     report.excluded = sorted(excluded)
     report.num_images = len(train)
     report.num_images_with_repeats = sum(it.repeats for it in train)
@@ -227,7 +264,9 @@ def validate_dataset(config: ValidationConfig) -> Report:
     return report
 
 
-def _caption_problems(it, dcfg: DatasetConfig, P: List[Problem]) -> None:
+def _caption_problems(it, dcfg: DatasetConfig, P: List[Problem]) -> bool:
+    """Adds the caption's problems; True when the caption file cannot be read (the image cannot train as
+    captioned)."""
     issue = it.caption_issue or ""
     if it.caption_source == "default":
         fallback = f"uses the {'class' if it.is_reg else 'instance'} prompt \"{it.caption}\""
@@ -239,6 +278,7 @@ def _caption_problems(it, dcfg: DatasetConfig, P: List[Problem]) -> None:
         fallback = "trains with an empty caption"
     if issue.startswith("unreadable"):
         P.append(Problem(ERROR, "caption_unreadable", f"caption file {issue} (save it as UTF-8)", it.caption_path))
+        return True
     elif issue == "empty":
         P.append(Problem(WARNING, "empty_caption", f"caption file is empty: {fallback}", it.caption_path))
     elif issue == "multiline":
@@ -250,6 +290,7 @@ def _caption_problems(it, dcfg: DatasetConfig, P: List[Problem]) -> None:
                              it.path))
         elif it.caption_source in ("default", "folder"):
             P.append(Problem(INFO, "caption_fallback", f"no caption file: {fallback}", it.path))
+    return False
 
 
 def _duplicate_problems(ds: Dataset, excluded, P: List[Problem]) -> None:

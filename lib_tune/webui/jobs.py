@@ -217,6 +217,7 @@ def start(data: Dict[str, Any]) -> Job:
         report = validate_config(cfg, _model_resolution())
         if not report["ok"]:
             raise ConfigError("dataset", "the dataset has errors:\n" + report["text"])
+        _log_skipped(job, report)
         data = prepare_data(cfg, model, exclude=report.get("excluded", ()),
                             vae_id=str(getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "sha256", "")))
         return Trainer(cfg, model, data, callbacks, run_info=_run_info())
@@ -225,6 +226,19 @@ def start(data: Dict[str, Any]) -> Job:
                                name=f"tune-train-{job.id}", daemon=True)
     _thread.start()
     return job
+
+
+def _log_skipped(job: Job, report: Dict[str, Any]) -> None:
+    """Each image left out of training, with its reason, in the job's events and the console."""
+    skipped = set(report.get("skipped_images") or ())
+    if not skipped:
+        return
+    lines = [f"{len(skipped)} image(s) cannot train and are left out (on_bad_image=\"fail\" stops instead):"]
+    lines += [f"  skipped {p['path']}: {p['message']}" for p in report.get("problems", ())
+              if p.get("path") in skipped and p.get("severity") == "warning"]
+    for line in lines:
+        job.log(line)
+        print(f"[Tune] job {job.id}: {line}")
 
 
 def interrupt(job_id: str) -> Optional[Job]:

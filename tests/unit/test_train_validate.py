@@ -83,12 +83,13 @@ def test_bad_dataset_reports_everything(bad_dataset):
         dataset=DatasetConfig(train_dir=str(r), class_dir=str(c), trigger_word="sks", prepend_trigger=False,
                               class_caption="photo of a thing"),
         buckets=BucketConfig((256, 256), min_size=128, max_size=512, step=64),
-        batch_size=2, epochs=3)
+        batch_size=2, epochs=3, on_bad_image="fail")
     rep = validate_dataset(cfg)
     assert not rep.ok
-    corrupt = problems_for(rep, "corrupt_image")
+    corrupt = problems_for(rep, "corrupt_image") + problems_for(rep, "truncated_image")
     assert names(corrupt) == ["fake.png", "trunc.jpg"] and all(p.severity == "error" for p in corrupt)
     assert "truncated" in [p for p in corrupt if p.path.endswith("trunc.jpg")][0].message
+    assert rep.skipped_images == []
     assert sorted(os.path.basename(p) for p in rep.excluded) == ["fake.png", "trunc.jpg"]
     dup = problems_for(rep, "duplicate_image")
     assert len(dup) == 1 and dup[0].severity == "warning" and "good.png" in dup[0].message
@@ -117,6 +118,45 @@ def test_bad_dataset_reports_everything(bad_dataset):
     d = rep.to_dict()
     assert json.loads(json.dumps(d))["ok"] is False
     assert d["total_steps"] == rep.total_steps and len(d["problems"]) == len(rep.problems)
+
+
+def test_bad_images_are_skipped_by_default(bad_dataset):
+    """The default on_bad_image="skip": the run can start without the unusable images, each one named with its
+    reason as a warning; the counts are those of the strict run minus nothing (bad images never counted)."""
+    r, c = bad_dataset
+    cfg = ValidationConfig(
+        dataset=DatasetConfig(train_dir=str(r), class_dir=str(c), trigger_word="sks", prepend_trigger=False,
+                              class_caption="photo of a thing"),
+        buckets=BucketConfig((256, 256), min_size=128, max_size=512, step=64), batch_size=2, epochs=3)
+    rep = validate_dataset(cfg)
+    assert rep.ok, rep.to_text()
+    bad = problems_for(rep, "corrupt_image") + problems_for(rep, "truncated_image")
+    assert names(bad) == ["fake.png", "trunc.jpg"]
+    assert all(p.severity == "warning" and p.message.endswith("left out of training") for p in bad)
+    assert sorted(os.path.basename(p) for p in rep.skipped_images) == ["fake.png", "trunc.jpg"]
+    assert rep.excluded == rep.skipped_images and rep.num_images == 8
+    text = rep.to_text()
+    assert text.startswith("OK") and "left out: 2 image(s)" in text and "fake.png" in text
+    assert rep.to_dict()["skipped_images"] == rep.skipped_images
+
+
+def test_only_bad_images_is_refused_clearly(tmp_path):
+    r = tmp_path / "d"
+    r.mkdir()
+    truncated_jpeg(str(r / "a.jpg"))
+    (r / "b.png").write_bytes(b"")
+    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x")))
+    assert not rep.ok
+    no = problems_for(rep, "no_images")
+    assert len(no) == 1 and no[0].severity == "error" and "2 found, none usable" in no[0].message
+    assert len(rep.skipped_images) == 2
+
+
+def test_unknown_bad_image_policy_is_an_error(tmp_path):
+    r = tmp_path / "d"
+    save(str(r / "a.png"), Image.new("RGB", (256, 256)))
+    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r)), on_bad_image="ignore"))
+    assert not rep.ok and problems_for(rep, "bad_option")
 
 
 def test_prepended_trigger_is_info(bad_dataset):
@@ -157,7 +197,7 @@ def test_truncated_detected_even_with_global_flag(tmp_path):
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
         probs = check_image(p)
-        assert [x.code for x in probs] == ["corrupt_image"]
+        assert [x.code for x in probs] == ["truncated_image"]
         assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
@@ -177,10 +217,13 @@ def test_no_upscale_too_small_is_error(tmp_path):
     save(str(r / "a.png"), Image.new("RGB", (512, 512)))
     save(str(r / "sliver.png"), Image.new("RGB", (40, 500)))
     rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x"),
-                                            buckets=BucketConfig(no_upscale=True)))
+                                            buckets=BucketConfig(no_upscale=True), on_bad_image="fail"))
     assert not rep.ok
     assert names(problems_for(rep, "too_small")) == ["sliver.png"]
     assert rep.num_images == 1 and rep.bucket_histogram == {"512x512": 1}
+    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x"),
+                                            buckets=BucketConfig(no_upscale=True)))
+    assert rep.ok and [os.path.basename(p) for p in rep.skipped_images] == ["sliver.png"]
 
 
 def test_animated_and_mode_warnings(tmp_path):
