@@ -4,12 +4,19 @@ The numerics follow the webui's built-in Lora (extensions-builtin/Lora/network.p
 images must match: delta = finalize(calc_updown(W)) where finalize applies the optional `bias` extra,
 reshapes to W's shape, multiplies by `scale` (alpha/rank, or an explicit `scale` key), applies DoRA's
 weight decomposition when `dora_scale` is present, and finally multiplies by the user's multiplier.
-A new network type is one new file in this package holding one NetworkModule subclass registered with
-@register.
+A network type owns everything about itself, with the same verbs for every type (as LyCORIS's
+lycoris/functional): which keys it claims (`accepts`, `param_keys`), its delta (`calc_updown` / `delta`), its
+low-rank form where it has one (`can_bypass_on`, `bypass`, `linear_factors`), its initial weights for training
+(`init_weights`, `for_training`) and the names a trained file declares in its metadata (`train_methods`). A new
+type is one new file in this package holding one NetworkModule subclass registered with @register, plus its import
+line in algos/__init__.py: the readers, the engine and the trainer find it there.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Type
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 
@@ -28,6 +35,21 @@ def register(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class TrainMethod:
+    """One training method a network type offers (the trainer's `method` names it).
+
+    conv: it adapts convolutions too (ResBlocks, samplers) in the "full" preset, kxk ones at conv_dim/conv_alpha
+    (kohya's C3Lier / LyCORIS's conv layers). dora: DoRA's weight decomposition is added (dora_scale, see
+    for_training). network_module / network_args: what a trained file declares in its metadata (ss_network_module
+    and the `network_args` a kohya user would have passed, e.g. algo=loha)."""
+    name: str
+    conv: bool = False
+    dora: bool = False
+    network_module: str = "lycoris.kohya"
+    network_args: Mapping[str, str] = field(default_factory=dict)
+
+
 class NetworkModule:
     """Weights of one adapter for one target module.
 
@@ -40,22 +62,34 @@ class NetworkModule:
     kind: str = "?"
     #: the keys (after the module prefix) that this type consumes; with common_keys, the rest are unused
     param_keys: Tuple[str, ...] = ()
+    #: the keys that make a module this type's (all present); types with alternative layouts override accepts
+    required_keys: Tuple[str, ...] = ()
     common_keys = ("alpha", "scale", "dora_scale", "bias")
     #: keys the built-in casts to the webui's compute dtype when it loads a file (see cast_like_builtin)
     load_cast_keys: Tuple[str, ...] = ()
+    #: other spellings of param_keys this type reads (file spelling -> ours), e.g. PEFT's lora_A for LoRA
+    aliases: Mapping[str, str] = MappingProxyType({})
+    #: the training methods of this type (empty: not trainable here)
+    train_methods: Tuple[TrainMethod, ...] = ()
 
     def __init__(self, weights: Dict[str, Tensor]):
-        self.weights = dict(weights)
+        self.weights = {_spelling(k, self.aliases, weights): v for k, v in weights.items()}
         self.alpha = _scalar(weights.get("alpha"))
         self.scale = _scalar(weights.get("scale"))
-        self.dora_scale = weights.get("dora_scale")
-        self.bias = weights.get("bias")
         self.dim: Optional[int] = None  # rank, set by subclasses that have one
+
+    @property
+    def dora_scale(self) -> Optional[Tensor]:
+        return self.weights.get("dora_scale")
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.weights.get("bias")
 
     # ---- to implement -------------------------------------------------------------------------
     @classmethod
     def accepts(cls, weights: Dict[str, Tensor]) -> bool:
-        raise NotImplementedError
+        return bool(cls.required_keys) and all(k in weights for k in cls.required_keys)
 
     def calc_updown(self, orig_weight: Tensor, dyn_dim: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Return (finalized delta for the weight, delta for the bias or None), multiplier NOT applied.
@@ -66,6 +100,41 @@ class NetworkModule:
         """The target's input width as far as the tensors tell (None where they don't): used to guess the
         model family from cross-attention k/v widths."""
         return None
+
+    # ---- low-rank form (types that have one override these) ----------------------------------------------------
+    def can_bypass_on(self, module: torch.nn.Module) -> bool:
+        """Whether bypass() computes this module's term on `module` (a layer of the model)."""
+        return False
+
+    def bypass(self, x: Tensor, module: torch.nn.Module, multiplier: float = 1.0,
+               dyn_dim: Optional[int] = None) -> Tensor:
+        """The adapter's output term for input x of `module` without building dW (with autograd: training)."""
+        raise NotImplementedError(f"{self.kind} has no low-rank form")
+
+    def linear_factors(self, dyn_dim: Optional[int] = None) -> Optional[Tuple[Tensor, Tensor]]:
+        """(up [out, r], down [r, in]) with dW = calc_scale() * up @ down on a Linear it can bypass, or None."""
+        return None
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    @classmethod
+    def init_weights(cls, shape: Tuple[int, ...], dim: int, g: torch.Generator, factor: int = -1) -> Dict[str, Tensor]:
+        """The initial tensors (float32, CPU, drawn from g) for a weight of `shape` at rank `dim`; `factor`: the
+        split of factorised types (LoKr), -1 for the most balanced. Alpha and DoRA are for_training's."""
+        raise NotImplementedError(f"{cls.kind} cannot be trained")
+
+    @classmethod
+    def for_training(cls, method: TrainMethod, shape: Tuple[int, ...], dim: int, alpha: float, g: torch.Generator,
+                     base_weight: Optional[Tensor] = None, factor: int = -1) -> "NetworkModule":
+        """A module of trainable Parameters (alpha stays a plain tensor). DoRA methods add dora_scale, the base
+        weight's norm on the axis the webui v1.10.1 reads ([1, in, ...], see input_channel_norm), so the initial
+        delta stays exactly that of the type's own init."""
+        w: Dict[str, Tensor] = {"alpha": torch.tensor(float(alpha))}
+        w.update(cls.init_weights(tuple(shape), dim, g, factor))
+        if method.dora:
+            if base_weight is None:
+                raise ValueError("DoRA needs the base weight to initialise dora_scale")
+            w["dora_scale"] = input_channel_norm(base_weight.detach().float()).contiguous()
+        return cls({k: (v if k == "alpha" else torch.nn.Parameter(v)) for k, v in w.items()})
 
     # ---- shared ---------------------------------------------------------------------------------
     def calc_scale(self) -> float:
@@ -98,8 +167,7 @@ class NetworkModule:
         merged = updown + orig_weight
         nd = merged.dim() - 1
         if dora_scale.dim() > 1 and dora_scale.shape[0] == 1:  # [1, in, ...]: per input channel (webui 1.10)
-            norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
-                    .reshape(merged.shape[1], *[1] * nd).transpose(0, 1))
+            norm = input_channel_norm(merged)
         else:  # [out, 1, ...] or [out]: per output channel (LyCORIS wd_on_output)
             norm = merged.reshape(merged.shape[0], -1).norm(dim=1, keepdim=True).reshape(merged.shape[0], *[1] * nd)
             dora_scale = dora_scale.reshape(merged.shape[0], *[1] * nd)
@@ -138,6 +206,31 @@ class NetworkModule:
 
     def parameters(self) -> List[Tensor]:
         return [t for t in self.weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _spelling(key: str, aliases: Mapping[str, str], weights) -> str:
+    """Our name for a file key: its alias target, unless the file also has that key (then it stays an extra)."""
+    ours = aliases.get(key)
+    return key if ours is None or ours in weights else ours
+
+
+def input_channel_norm(w: Tensor) -> Tensor:
+    """The norm of a weight per input channel, shaped [1, in, 1, ...]: DoRA's magnitude axis as the webui v1.10.1
+    reads dora_scale (kohya's / the built-in's legacy axis)."""
+    nd = w.dim() - 1
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True).reshape(w.shape[1], *[1] * nd) \
+        .transpose(0, 1)
+
+
+def kaiming_uniform(shape, g: torch.Generator) -> Tensor:
+    """nn.init.kaiming_uniform_(a=sqrt(5)) (nn.Linear's default), drawn from g: bound = 1/sqrt(fan_in)."""
+    fan_in = int(math.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+def normal(shape, std: float, g: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=g) * std
 
 
 def _scalar(t) -> Optional[float]:

@@ -2,7 +2,7 @@
 bias. No rank, so scale 1 unless an explicit `scale` key (webui network_full.py)."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 from .base import NetworkModule, Tensor, register
 
@@ -10,11 +10,8 @@ from .base import NetworkModule, Tensor, register
 @register
 class FullModule(NetworkModule):
     kind = "full"
+    required_keys = ("diff",)
     param_keys = ("diff", "diff_b")
-
-    @classmethod
-    def accepts(cls, weights: Dict[str, Tensor]) -> bool:
-        return "diff" in weights
 
     def in_dim(self) -> Optional[int]:
         diff = self.w("diff")

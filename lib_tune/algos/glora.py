@@ -29,11 +29,8 @@ def _ranks(a1, a2, b1, b2):
 @register
 class GloraModule(NetworkModule):
     kind = "glora"
+    required_keys = KEYS
     param_keys = KEYS + ("bm.weight",)
-
-    @classmethod
-    def accepts(cls, weights: Dict[str, Tensor]) -> bool:
-        return all(k in weights for k in KEYS)
 
     def __init__(self, weights: Dict[str, Tensor]):
         super().__init__(weights)

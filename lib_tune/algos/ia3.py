@@ -14,11 +14,8 @@ from .base import NetworkModule, Tensor, UnsupportedModuleError, register
 @register
 class Ia3Module(NetworkModule):
     kind = "ia3"
+    required_keys = ("weight", "on_input")
     param_keys = ("weight", "on_input")
-
-    @classmethod
-    def accepts(cls, weights: Dict[str, Tensor]) -> bool:
-        return "weight" in weights and "on_input" in weights
 
     def __init__(self, weights: Dict[str, Tensor]):
         super().__init__(weights)

@@ -3,14 +3,19 @@
 With `hada_t1`/`hada_t2` [r, r, kh, kw] (Tucker conv), each factor is rebuilt as
 einsum(einsum(t, wb), wa) with wa [r, out] and wb [r, in]. Rank = hada_w1_b.shape[0]. Same math and order as the
 webui's network_hada.py + lyco_helpers.make_weight_cp.
+
+Training (LyCORIS's init): w1_b ~ N(0, 1), w1_a ~ N(0, 0.1^2), w2_b ~ N(0, 1), w2_a = 0, so the initial delta is 0;
+conv factors are flat ([r, in·kh·kw]).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
+import math
+
 import torch
 
-from .base import NetworkModule, Tensor, UnsupportedModuleError, register
+from .base import NetworkModule, Tensor, TrainMethod, UnsupportedModuleError, normal, register
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -28,11 +33,9 @@ def rebuild_flat(up: Tensor, down: Tensor, shape) -> Tensor:
 @register
 class LohaModule(NetworkModule):
     kind = "loha"
+    required_keys = KEYS
     param_keys = KEYS + ("hada_t1", "hada_t2")
-
-    @classmethod
-    def accepts(cls, weights: Dict[str, Tensor]) -> bool:
-        return all(k in weights for k in KEYS)
+    train_methods = (TrainMethod("loha", conv=True, network_args={"algo": "loha"}),)
 
     def __init__(self, weights: Dict[str, Tensor]):
         super().__init__(weights)
@@ -51,6 +54,12 @@ class LohaModule(NetworkModule):
 
     def in_dim(self) -> Optional[int]:
         return self.w("hada_w1_b").shape[1]
+
+    @classmethod
+    def init_weights(cls, shape, dim: int, g: torch.Generator, factor: int = -1) -> Dict[str, Tensor]:
+        out_dim, flat_in = shape[0], shape[1] * int(math.prod(shape[2:]))
+        return {"hada_w1_a": normal((out_dim, dim), 0.1, g), "hada_w1_b": normal((dim, flat_in), 1.0, g),
+                "hada_w2_a": torch.zeros((out_dim, dim)), "hada_w2_b": normal((dim, flat_in), 1.0, g)}
 
     def calc_updown(self, orig_weight: Tensor, dyn_dim: Optional[int] = None):
         dev = orig_weight.device

@@ -7,14 +7,19 @@ w1_b / w2_b; with both factors full there is no rank and the scale is 1 (the web
 One deliberate difference from the built-in: a non-Tucker conv w2 stored as w2_a [b, r] @ w2_b [r, d, kh, kw]
 (LyCORIS's own layout) is multiplied on the flattened w2_b, as LyCORIS does; the built-in's plain `w2a @ w2b`
 raises (or mixes axes) there, so that layer never worked in the webui.
+
+Training (LyCORIS's init): out and in are split by `factorization` (LyCORIS's rule, `factor` -1 for the most
+balanced), w1 kaiming-uniform, w2 zeros, or w2_a kaiming / w2_b zeros when the rank is below half of w2's larger side
+(then alpha/rank scales it; with a full w2 the scale is 1), so the initial delta is 0.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .base import NetworkModule, Tensor, UnsupportedModuleError, register
+from .base import NetworkModule, Tensor, TrainMethod, UnsupportedModuleError, kaiming_uniform, register
 from .loha import rebuild_tucker
 
 
@@ -28,6 +33,26 @@ def _factor(w: Optional[Tensor], wa: Optional[Tensor], wb: Optional[Tensor], t: 
     return wa @ wb
 
 
+def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
+    """LyCORIS's split of a dimension into (m, n), m <= n, m closest to `factor` (-1: most balanced)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
 def make_kron(output_shape, w1: Tensor, w2: Tensor) -> Tensor:
     if w2.dim() == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)
@@ -38,6 +63,7 @@ def make_kron(output_shape, w1: Tensor, w2: Tensor) -> Tensor:
 class LokrModule(NetworkModule):
     kind = "lokr"
     param_keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    train_methods = (TrainMethod("lokr", conv=True, network_args={"algo": "lokr"}),)
 
     @classmethod
     def accepts(cls, weights: Dict[str, Tensor]) -> bool:
@@ -66,6 +92,19 @@ class LokrModule(NetworkModule):
 
     def in_dim(self) -> Optional[int]:
         return self._in
+
+    @classmethod
+    def init_weights(cls, shape, dim: int, g: torch.Generator, factor: int = -1) -> Dict[str, Tensor]:
+        kernel = tuple(shape[2:])
+        out_l, out_k = factorization(shape[0], factor)
+        in_m, in_n = factorization(shape[1], factor)
+        w = {"lokr_w1": kaiming_uniform((out_l, in_m), g)}
+        if dim < max(out_k, in_n) / 2:
+            w["lokr_w2_a"] = kaiming_uniform((out_k, dim), g)
+            w["lokr_w2_b"] = torch.zeros((dim, in_n * int(math.prod(kernel))))
+        else:  # full w2 (LyCORIS: the rank would not be smaller); scale is 1 then
+            w["lokr_w2"] = torch.zeros((out_k, in_n) + kernel)
+        return w
 
     def calc_updown(self, orig_weight: Tensor, dyn_dim: Optional[int] = None):
         w1, w2 = self._factors(orig_weight.device)

@@ -17,21 +17,25 @@ import re
 from typing import Dict, Mapping, Optional, Tuple
 
 from ..algos.base import NetworkModule
+from ..layer_names import KOHYA_UNET, ldm_path
 
+#: how the UI writes each architecture
+ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TE_WIDTH = {768: "sd1", 1024: "sd2"}
 
-#: UNet modules only SDXL has: more than one transformer block per attention (depth 2 and 10), the class/size
-#: embedding (label_emb). (Attention on diffusers up_blocks_0 is SDXL-only in full-size models, but a two-level
-#: SD1 UNet, as the tests' tiny ones, has it too.)
-_SDXL_UNET = re.compile(r"lora_unet_(.*_transformer_blocks_[1-9]\d*_|label_emb_)")
-#: UNet modules SDXL has not: attention on the first level (ldm input_blocks_1/2_1, diffusers down_blocks_0 and the
-#: last up block up_blocks_3), a fourth level (input/output_blocks_9-11, down/up_blocks_3)
-_SD_UNET = re.compile(r"lora_unet_(input_blocks_[12]_1_|input_blocks_(9|1[01])_|output_blocks_(9|1[01])_"
-                      r"|down_blocks_0_attentions_|down_blocks_3_|up_blocks_3_)")
+#: UNet modules (ldm paths, diffusers keys are converted first) only SDXL has: more than one transformer block per
+#: attention (depth 2 and 10), the class/size embedding (label_emb). (Attention on the deepest up level is
+#: SDXL-only in full-size models, but a two-level SD1 UNet, as the tests' tiny ones, has it too.)
+_SDXL_UNET = re.compile(r"(.*_transformer_blocks_[1-9]\d*_|label_emb_)")
+#: UNet modules SDXL has not: attention on the first level (input_blocks_1/2_1), a fourth level (blocks 9-11)
+_SD_UNET = re.compile(r"(input_blocks_[12]_1_|(input|output)_blocks_(9|1[01])_)")
+#: the metadata keys that declare an architecture, strongest first
+_MARKS = ("ss_base_model_version", "ss_v2", "modelspec.architecture")
 
 
-def from_metadata(metadata: Mapping[str, str]) -> Optional[str]:
+def _declared(metadata: Mapping[str, str]) -> Optional[str]:
+    """The architecture kohya's or the SAI model spec's keys declare (kohya's first), else None."""
     base = str(metadata.get("ss_base_model_version", "")).lower()
     if base.startswith("sdxl"):
         return "sdxl"
@@ -44,6 +48,24 @@ def from_metadata(metadata: Mapping[str, str]) -> Optional[str]:
         if spec.startswith(prefix):
             return arch
     return None
+
+
+def _kohya(metadata: Mapping[str, str]) -> bool:
+    """Any kohya ss_* key: without an SD2/SDXL mark that means SD1 (the webui's rule)."""
+    return any(k.startswith("ss_") for k in metadata)
+
+
+def from_metadata(metadata: Mapping[str, str]) -> Optional[str]:
+    """The architecture from a file's metadata alone (no tensors: the cards page): the declared one, else SD1 for
+    kohya metadata, else None. explain_architecture weighs the same evidence with the tensors'."""
+    return _declared(metadata) or ("sd1" if _kohya(metadata) else None)
+
+
+def _unet_path(name: str) -> Optional[str]:
+    if not name.startswith(KOHYA_UNET):
+        return None
+    rest = name[len(KOHYA_UNET):]
+    return ldm_path(rest) or rest
 
 
 def guess_architecture(modules: Dict[str, NetworkModule], metadata: Mapping[str, str]) -> Optional[str]:
@@ -61,14 +83,14 @@ def explain_architecture(modules: Dict[str, NetworkModule],
     te2 = [n for n in modules if n.startswith("lora_te2_")]
     if te2:
         return "sdxl", f"{len(te2)} modules of a second text encoder (lora_te2_)"
-    xl = next((n for n in modules if _SDXL_UNET.match(n)), None)
-    sd = next((n for n in modules if _SD_UNET.match(n)), None)
+    paths = {n: _unet_path(n) for n in modules}
+    xl = next((n for n, p in paths.items() if p is not None and _SDXL_UNET.match(p)), None)
+    sd = next((n for n, p in paths.items() if p is not None and _SD_UNET.match(p)), None)
     if xl and not sd:
         return "sdxl", f"SDXL UNet structure ({xl})"
-    arch = from_metadata(metadata)
+    arch = _declared(metadata)
     if arch:
-        key = next(k for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture")
-                   if k in metadata and from_metadata({k: metadata[k]}) == arch)
+        key = next(k for k in _MARKS if k in metadata and _declared({k: metadata[k]}) == arch)
         return arch, f"{key}={metadata[key]}"
     for name, module in modules.items():
         if name.startswith("lora_te_") and name.endswith(("q_proj", "k_proj", "v_proj", "mlp_fc1")):
@@ -78,6 +100,6 @@ def explain_architecture(modules: Dict[str, NetworkModule],
     if sd and not xl and any(n.startswith("lora_te1_") for n in modules):
         # CLIP-L named lora_te1_ over an SD-shaped UNet: an SD1 file from a trainer that numbers its one encoder
         return "sd1", f"SD1 UNet structure ({sd}) with one CLIP text encoder (lora_te1_, no lora_te2_)"
-    if any(k.startswith("ss_") for k in metadata):
+    if _kohya(metadata):
         return "sd1", "kohya ss_* metadata without an SD2/SDXL mark"
     return None, "no evidence"

@@ -5,12 +5,18 @@ target path with dots as underscores. kohya and LyCORIS keys are split at the fi
 dotted layouts (diffusers, PEFT, ComfyUI) are split by recognising the parameter suffix instead, since their module
 paths contain dots. A CLIP-L text encoder key of a dotted layout is `lora_te_` for SD1 but `lora_te1_` for SDXL,
 which only the whole file tells: such keys get the TE_PENDING prefix and read.py resolves it.
+
+Parameter names are the network types' own (lib_tune.algos: param_keys, aliases, common_keys); this module adds only
+the spellings of dotted file layouts (diffusers' attention processors and lora_linear_layer, PEFT's DoRA magnitude).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
+
+from ..algos import param_names
+from ..algos.lora import DOWN, PEFT_NAMES, UP
 
 TE_PENDING = "lora_te?_"
 
@@ -35,27 +41,22 @@ DOTTED_PREFIXES = (
     ("up_blocks.", "unet", "lora_unet_", False),
 )
 
-#: parameter spellings of dotted layouts, longest first -> our parameter names
-DOTTED_PARAMS = (
-    ("lora_linear_layer.down.weight", "lora_down.weight"), ("lora_linear_layer.up.weight", "lora_up.weight"),
-    ("lora.down.weight", "lora_down.weight"), ("lora.up.weight", "lora_up.weight"),
-    ("lora_down.weight", "lora_down.weight"), ("lora_up.weight", "lora_up.weight"),
-    ("lora_mid.weight", "lora_mid.weight"),
-    ("lora_A.weight", "lora_down.weight"), ("lora_B.weight", "lora_up.weight"),
+#: parameter spellings of dotted layouts that no network type reads as such, longest first -> our parameter names
+DOTTED_SPELLINGS = (
+    ("lora_linear_layer.down.weight", DOWN), ("lora_linear_layer.up.weight", UP),
+    ("lora.down.weight", DOWN), ("lora.up.weight", UP),
     ("lora_magnitude_vector.weight", "dora_scale"), ("lora_magnitude_vector", "dora_scale"),
-    ("a1.weight", "a1.weight"), ("a2.weight", "a2.weight"), ("b1.weight", "b1.weight"),
-    ("b2.weight", "b2.weight"), ("bm.weight", "bm.weight"),
 )
+_PEFT_PREFIXES = tuple(k.split(".")[0] for k in PEFT_NAMES) + ("lora_magnitude",)
 
-#: one-word parameters (LyCORIS types and common extras), valid at the end of a dotted key
-SINGLE_PARAMS = frozenset((
-    "alpha", "scale", "dora_scale", "bias", "on_input", "weight", "diff", "diff_b", "w_norm", "b_norm",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "oft_blocks", "oft_diag", "rescale",
-))
 
-_PEFT_NAMED = re.compile(r"^(.+)\.lora_([AB])\.[A-Za-z0-9_]+\.weight$")  # lora_A.<adapter name>.weight
+def _dotted_params() -> Tuple[Tuple[str, str], ...]:
+    """(suffix, our name) for every dotted parameter: the layouts' spellings, then the registered types' names."""
+    names = tuple((k, PEFT_NAMES.get(k, k)) for k in param_names() if "." in k)
+    return DOTTED_SPELLINGS + names
+
+
+_PEFT_NAMED = re.compile(r"^(.+)\.(lora_[AB])\.[A-Za-z0-9_]+\.weight$")  # lora_A.<adapter name>.weight
 _ATTN_PROC = re.compile(r"^(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
 _UNET_PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _TE_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
@@ -97,15 +98,15 @@ def _split_dotted(rest: str, is_te: bool):
     m = _ATTN_PROC.match(rest)
     if m:
         target = (_TE_PROC if is_te else _UNET_PROC)[m.group(2)]
-        return f"{m.group(1)}.{target}", f"lora_{m.group(3)}.weight", "attn-proc"
-    for suffix, param in DOTTED_PARAMS:
+        return f"{m.group(1)}.{target}", UP if m.group(3) == "up" else DOWN, "attn-proc"
+    for suffix, param in _dotted_params():
         if rest.endswith("." + suffix):
-            layout = "peft" if suffix.startswith(("lora_A", "lora_B", "lora_magnitude")) else "dotted"
+            layout = "peft" if suffix.startswith(_PEFT_PREFIXES) else "dotted"
             return rest[: -len(suffix) - 1], param, layout
     m = _PEFT_NAMED.match(rest)
     if m:
-        return m.group(1), "lora_down.weight" if m.group(2) == "A" else "lora_up.weight", "peft"
+        return m.group(1), PEFT_NAMES[m.group(2) + ".weight"], "peft"
     path, _, last = rest.rpartition(".")
-    if last in SINGLE_PARAMS:
+    if "." not in last and last in param_names():
         return path, last, "dotted"
     return None

@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..algos.base import NetworkModule
-from .lowrank import LinearLoraFactors
-from .merge import can_bypass, fit_to, merge_mha, merge_plain, mha_parts_delta
+from .lowrank import LinearFactors
+from .merge import QKV, fit_to, merge_mha, merge_plain, mha_parts_delta, pack_qkv, qkv_parts
 
 Tensor = torch.Tensor
 Slot = Tuple[str, str]  # (submodule path, parameter name) inside the layer
@@ -65,7 +65,7 @@ class Cached:
         self.base = base  # [(weakref, _version, device, dtype) or None] per base tensor
         self.swaps: Dict[Slot, Tensor] = {}  # statically merged parameters
         self.sched: Dict[tuple, object] = {}  # group_key -> deltas at multiplier 1, in the layer's dtype
-        self.factors: Optional[LinearLoraFactors] = None  # per-step LoRAs of a Linear, as factors
+        self.factors: Optional[LinearFactors] = None  # per-step low-rank adapters of a Linear, as factors
         self.step_key: Optional[tuple] = None  # the per-step multipliers step_swaps was computed for
         self.step_swaps: Dict[Slot, Tensor] = {}
 
@@ -74,9 +74,9 @@ class Layer:
     """The plan for one touched layer, made once per Injector.apply().
 
     Inference: fixed multipliers are merged once (`static`); per-step ones (`sched`, `lowrank`) are added to the
-    merged weight on each call from cached deltas or LoRA factors (a fused multiply-add / one skinny GEMM each,
-    never calc_updown again). Training: plain LoRA runs as up(down(x)) on the output (`bypass`), everything else
-    is merged on every call, both with autograd.
+    merged weight on each call from cached deltas or low-rank factors (a fused multiply-add / one skinny GEMM each,
+    never calc_updown again). Training: adapters with a low-rank form (plain LoRA) run as up(down(x)) on the output
+    (`bypass`), everything else is merged on every call, both with autograd.
     """
 
     def __init__(self, module: torch.nn.Module, layer: str, items: Sequence, train: bool):
@@ -85,8 +85,8 @@ class Layer:
         self.is_mha = isinstance(module, torch.nn.MultiheadAttention)
         self.static: list = []  # ActiveEntry (plain) or {part: ActiveEntry} (mha)
         self.sched: list = []  # per-step, through a cached dW
-        self.lowrank: list = []  # per-step LoRA on a Linear, through its factors
-        self.bypass: list = []  # training: LoRA as up(down(x)) on the output
+        self.lowrank: list = []  # per-step low-rank adapter on a Linear, through its factors
+        self.bypass: list = []  # training: low-rank adapters as up(down(x)) on the output
         self.prev_forward = None
         self.wrapper = None
         self.live = True
@@ -96,12 +96,12 @@ class Layer:
             self.sched = [] if train else _group_mha([a for a in items if a.scheduled])
         else:
             for a in items:
-                lora = can_bypass(a.entry.net, module)
-                if train and lora:
+                low_rank = a.entry.net.can_bypass_on(module)
+                if train and low_rank:
                     self.bypass.append(a)
                 elif train or not a.scheduled:
                     self.static.append(a)
-                elif lora and isinstance(module, torch.nn.Linear):
+                elif low_rank and isinstance(module, torch.nn.Linear):
                     self.lowrank.append(a)
                 else:
                     self.sched.append(a)
@@ -158,7 +158,7 @@ class Layer:
 
     def build_cache(self) -> Cached:
         """Static merge; dW at multiplier 1 of per-step entries (on the statically merged weights); the
-        factors of per-step LoRAs."""
+        factors of per-step low-rank adapters."""
         c = Cached(self.set_key, self.keep, self.base_state())
         c.swaps = self.merge([as_items(g) for g in self.static])
 
@@ -179,7 +179,7 @@ class Layer:
                                          None if ex_bias is None else ex_bias.to(w.device, w.dtype))
         if self.lowrank:
             w = self.module.weight
-            c.factors = LinearLoraFactors(self.lowrank, w.device, w.dtype)
+            c.factors = LinearFactors(self.lowrank, w.device, w.dtype)
         return c
 
     def step_swaps(self, c: Cached, value: Callable) -> Dict[Slot, Tensor]:
@@ -227,10 +227,9 @@ class Layer:
         for g in self.sched:
             d = c.sched[group_key(g)]
             m = {p: next(values) for p in g}
-            if any(p in d for p in "qkv"):
-                chunks = w_in.chunk(3, 0)
-                dq = [d[p][0] * m[p] if p in d else torch.zeros_like(ch) for p, ch in zip("qkv", chunks)]
-                w_in = (w_in + torch.vstack(dq)).to(mha.in_proj_weight.dtype)
+            if any(p in d for p in QKV):
+                dq = {p: d[p][0] * m[p] if p in d else torch.zeros_like(ch) for p, ch in qkv_parts(w_in).items()}
+                w_in = (w_in + pack_qkv(dq)).to(mha.in_proj_weight.dtype)
                 out[("", "in_proj_weight")] = w_in
             if "out" in d:
                 up, db = d["out"]
@@ -243,7 +242,8 @@ class Layer:
         return out
 
     def bypass_terms(self, x: Tensor, value: Callable) -> Optional[Tensor]:
-        """Training: sum of up(down(x)) * m * scale of the bypassed LoRAs, with autograd (None if there are none)."""
+        """Training: sum of the bypassed adapters' output terms (up(down(x)) * m * scale for LoRA), with autograd
+        (None if there are none)."""
         out = None
         for a in self.bypass:
             t = a.entry.net.bypass(x, self.module, value(a), a.dyn)

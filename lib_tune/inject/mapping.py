@@ -13,13 +13,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..algos.base import NetworkModule
-from ..formats.arch import explain_architecture
+from ..formats.arch import ARCH_NAMES, explain_architecture
 from ..formats.model import AdapterFile
-from .names import resolve
+from ..layer_names import resolve
+from .merge import QKV, qkv_parts
 from .targets import Targets
 
-ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-MHA_PARTS = ("q", "k", "v", "out")
+MHA_PARTS = QKV + ("out",)
 #: the layer types the engine can wrap (the ones the built-in patches, lora_patches.py)
 SUPPORTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
 
@@ -76,7 +76,7 @@ class MappedAdapter:
         return s
 
 
-def _weight_of(module: torch.nn.Module, part: Optional[str]) -> Optional[torch.Tensor]:
+def weight_of(module: torch.nn.Module, part: Optional[str]) -> Optional[torch.Tensor]:
     """The tensor a delta for (module, part) is added to."""
     if isinstance(module, torch.nn.MultiheadAttention):
         if part == "out":
@@ -84,13 +84,14 @@ def _weight_of(module: torch.nn.Module, part: Optional[str]) -> Optional[torch.T
         w = module.in_proj_weight
         if part is None or w is None:
             return None
-        return w.chunk(3, 0)["qkv".index(part)]
+        return qkv_parts(w)[part]
     return getattr(module, "weight", None)
 
 
-def _place(key: str, targets: Targets, is_sd2: bool) -> Tuple[Optional[str], Optional[str], str]:
-    """(layer, part, reason-if-unplaced)."""
-    layer, part = resolve(key, targets.__contains__, is_sd2)
+def place(key: str, targets: Targets) -> Tuple[Optional[str], Optional[str], str]:
+    """Where adapter module `key` goes on the model: (layer, part, reason-if-unplaced). The names are
+    layer_names.resolve's; here a packed attention's out_proj becomes its part "out"."""
+    layer, part = resolve(key, targets.__contains__, targets.architecture == "sd2")
     if layer is None:
         return None, None, "no layer with this name in the loaded model"
     module = targets[layer]
@@ -103,7 +104,7 @@ def _place(key: str, targets: Targets, is_sd2: bool) -> Tuple[Optional[str], Opt
         return None, None, f"layer {layer} is a {type(module).__name__}, which adapters cannot change"
     if isinstance(module, torch.nn.MultiheadAttention) and (part is None or module.in_proj_weight is None):
         return None, None, f"layer {layer} is a MultiheadAttention; only its q/k/v/out projections can be changed"
-    if _weight_of(module, part) is None:
+    if weight_of(module, part) is None:
         return None, None, f"layer {layer} has no weight"
     return layer, part, ""
 
@@ -131,7 +132,7 @@ def _fits(delta: torch.Size, weight: torch.Size) -> bool:
 
 
 def _check_shape(e: MappedEntry) -> str:
-    w = _weight_of(e.module, e.part)
+    w = weight_of(e.module, e.part)
     try:
         up, b = delta_shape(e.net, w)
     except Exception as ex:  # noqa: BLE001 - any failure of the math on this layer is a misfit to report
@@ -183,10 +184,9 @@ def map_adapter(adapter: AdapterFile, targets: Targets, strict: bool = True) -> 
             f"adapter {name} is for {_arch(adapter.architecture)} ({_evidence(adapter)}), "
             f"the loaded model is {_arch(targets.architecture)}")
 
-    is_sd2 = targets.architecture == "sd2"
     out = MappedAdapter(adapter=adapter, architecture=targets.architecture)
     for key, net in adapter.modules.items():
-        layer, part, why = _place(key, targets, is_sd2)
+        layer, part, why = place(key, targets)
         if layer is None:
             out.unmapped[key] = why
             continue

@@ -1,12 +1,11 @@
 """The arithmetic of applying adapter deltas to one layer, with no state: merged weights (the built-in's order of
-operations, so results are bit-identical to its merged model), per-part deltas of packed attention, and which
-LoRAs can be kept in low-rank form.
+operations, so results are bit-identical to its merged model) and per-part deltas of packed attention.
 
 A merged weight is a NEW tensor; the layer's own parameters are only read.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,18 @@ Tensor = torch.Tensor
 Item = Tuple[NetworkModule, float, Optional[int]]
 #: one adapter's parts on a MultiheadAttention: "q"/"k"/"v"/"out" -> Item
 MhaItem = Dict[str, Item]
+#: a MultiheadAttention's packed in_proj_weight holds q, k and v as thirds, in this order
+QKV = ("q", "k", "v")
+
+
+def qkv_parts(in_proj: Tensor) -> Dict[str, Tensor]:
+    """The q/k/v rows of a packed in_proj weight (views)."""
+    return dict(zip(QKV, in_proj.chunk(3, 0)))
+
+
+def pack_qkv(parts: Dict[str, Tensor]) -> Tensor:
+    """The inverse of qkv_parts: one packed tensor from q, k and v."""
+    return torch.vstack([parts[p] for p in QKV])
 
 
 def fit_to(updown: Tensor, weight: Tensor) -> Tensor:
@@ -69,7 +80,7 @@ def _add(t: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
 def mha_parts_delta(mha: torch.nn.MultiheadAttention, parts: MhaItem, w_in: Tensor, w_out: Tensor) -> Dict[str, Tuple]:
     """One adapter's deltas at multiplier 1 per part: {"q"/"k"/"v": (dW,), "out": (dW, dB or None)}, computed
     on the given in_proj / out_proj weights; the engine scales them per sampling step."""
-    chunks = dict(zip("qkv", w_in.chunk(3, 0)))
+    chunks = qkv_parts(w_in)
     out = {}
     for p, (net, _, dyn) in parts.items():
         if p == "out":
@@ -89,15 +100,13 @@ def merge_mha(mha: torch.nn.MultiheadAttention, groups: Sequence[MhaItem]) -> Di
     w_in, w_out, b_out = w_in0, w_out0, b_out0
     out: Dict[Tuple[str, str], Tensor] = {}
     for parts in groups:
-        qkv = [parts.get(p) for p in "qkv"]
-        if any(it is not None for it in qkv):
-            chunks = w_in.chunk(3, 0)
-            ups: List[Optional[Tensor]] = [None if it is None else it[0].delta(c, it[1], it[2])[0]
-                                           for it, c in zip(qkv, chunks)]
-            dtype = next(u.dtype for u in ups if u is not None)
-            ups = [u if u is not None else torch.zeros(c.shape, dtype=dtype, device=c.device)
-                   for u, c in zip(ups, chunks)]
-            w_in = _add(w_in, torch.vstack(ups), w_in0.dtype)
+        if any(p in parts for p in QKV):
+            chunks = qkv_parts(w_in)
+            ups: Dict[str, Tensor] = {p: parts[p][0].delta(chunks[p], *parts[p][1:])[0] for p in QKV if p in parts}
+            dtype = next(iter(ups.values())).dtype
+            ups = {p: ups[p] if p in ups else torch.zeros(c.shape, dtype=dtype, device=c.device)
+                   for p, c in chunks.items()}
+            w_in = _add(w_in, pack_qkv(ups), w_in0.dtype)
             out[("", "in_proj_weight")] = w_in
         if "out" in parts:
             net, m, dyn = parts["out"]
@@ -109,26 +118,6 @@ def merge_mha(mha: torch.nn.MultiheadAttention, groups: Sequence[MhaItem]) -> Di
                 b_out = ex_bias.to(w_out0.dtype) if b_out is None else _add(b_out, ex_bias, b_out.dtype)
                 out[("out_proj", "bias")] = b_out
     return out
-
-
-# ---- low-rank form -------------------------------------------------------------------------------------------------
-def can_bypass(net: NetworkModule, module: torch.nn.Module) -> bool:
-    """Plain LoRA (no DoRA, no full-rank `bias` extra) on a Linear, or on an ungrouped Conv2d whose kernel its
-    spatial factor has, can run as up(down(x)) on the output and be kept as factors."""
-    if not getattr(net, "can_bypass", False) or not hasattr(net, "bypass"):
-        return False
-    width = getattr(module, "in_features", None) or getattr(module, "in_channels", None)
-    if net.in_dim() != width:  # e.g. an inpainting UNet's 9-channel conv_in: merged (zero-padded) instead
-        return False
-    if isinstance(module, torch.nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            return False
-        if net.w("lora_mid.weight") is None:
-            down = net.w("lora_down.weight")
-            spatial = tuple(down.shape[2:]) if down.dim() == 4 else (1, 1)
-            return spatial == tuple(module.weight.shape[2:])
-        return True
-    return isinstance(module, torch.nn.Linear)
 
 
 def input_of(args, kwargs) -> Tensor:

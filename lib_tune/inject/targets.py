@@ -11,8 +11,6 @@ from typing import FrozenSet, Iterable, Tuple
 
 import torch
 
-UNET_PREFIX = "diffusion_model"
-
 
 class Targets(dict):
     """layer name -> module, plus what was learned about the model while naming it.
@@ -30,7 +28,8 @@ class Targets(dict):
         return name in self.te_names
 
 
-def _unwrap(m):
+def unwrap(m):
+    """The text encoder inside the webui's hijack wrapper (the object itself when it is not wrapped)."""
     return getattr(m, "wrapped", m)
 
 
@@ -55,11 +54,11 @@ def find_targets(sd_model) -> Targets:
         for i, embedder in enumerate(conditioner.embedders):
             if not hasattr(embedder, "wrapped") and next(embedder.parameters(), None) is None:
                 continue
-            te.extend(_named(f"{i}_", _unwrap(embedder)))
+            te.extend(_named(f"{i}_", unwrap(embedder)))
     else:
         cond = getattr(sd_model, "cond_stage_model", None)
         if cond is not None:
-            te.extend(_named("", _unwrap(cond)))
+            te.extend(_named("", unwrap(cond)))
     unet = list(_named("", sd_model.model))
 
     te_names = frozenset(n for n, _ in te)

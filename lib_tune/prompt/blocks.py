@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from ..layer_names import IO_BLOCKS, lbw_block
 from .errors import TagError
 from .tokens import fmt_number, is_number
 
@@ -35,8 +36,6 @@ LAYOUTS: Dict[int, Tuple[str, ...]] = {12: BLOCKID12, 17: BLOCKID17, 20: BLOCKID
 
 #: vector lengths whose table matches the architecture's UNet (others work, as in LBW, but zero real blocks)
 NATIVE_LENGTHS = {"sd1": (17, 26), "sd2": (17, 26), "sdxl": (12, 20, 26)}
-#: number of input/output blocks per architecture (ldm numbering)
-_IO_BLOCKS = {"sd1": 12, "sd2": 12, "sdxl": 9}
 
 
 def _vec(text: str) -> Tuple[float, ...]:
@@ -176,18 +175,10 @@ def parse_preset_text(text: str) -> Dict[str, Tuple[float, ...]]:
 
 
 # --- module key -> block -------------------------------------------------------------------------------------
-
-_TE_KEY = re.compile(r"lora_te[0-9?]*_")  # lora_te?_ is formats.keys.TE_PENDING
-_LDM = re.compile(r"(input_blocks|output_blocks)_(\d+)_|middle_block_")
-_DIFFUSERS = re.compile(
-    r"(?P<dir>down|up)_blocks_(?P<i>\d+)_(?:(?:attentions|resnets)_(?P<j>\d+)|(?P<sampler>downsamplers|upsamplers)_0)_"
-    r"|mid_block_|conv_in(?:_|$)")
-
-
 def _check_arch(arch: str) -> str:
     a = str(arch).lower()
-    if a not in _IO_BLOCKS:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(_IO_BLOCKS)}")
+    if a not in IO_BLOCKS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(IO_BLOCKS)}")
     return a
 
 
@@ -195,35 +186,9 @@ def block_of(canonical_key: str, arch: str) -> Optional[str]:
     """LBW block id ('BASE', 'IN04', 'M00', 'OUT05', ...) of an adapter module, or None for modules in no block.
 
     `canonical_key` is the kohya-style key of lib_tune.formats (`lora_te*_...` for text encoders; `lora_unet_`
-    + diffusers names `down_blocks_1_attentions_0_...` or ldm names `input_blocks_4_1_...`). Diffusers indices
-    map to ldm ones as in the webui's `convert_diffusers_name_to_compvis` (two layers per down block plus a
-    downsampler, three layers per up block, the upsampler in the third); SD1/SD2 and SDXL share that rule.
-    Blocks past the architecture's last one give None."""
-    a = _check_arch(arch)
-    if _TE_KEY.match(canonical_key):
-        return "BASE"
-    if not canonical_key.startswith("lora_unet_"):
-        return None
-    rest = canonical_key[len("lora_unet_"):]
-    m = _LDM.match(rest)
-    if m:
-        if m.group(1) is None:
-            return "M00"
-        side, index = ("IN" if m.group(1) == "input_blocks" else "OUT"), int(m.group(2))
-    else:
-        m = _DIFFUSERS.match(rest)
-        if m is None:
-            return None
-        if m.group("dir") is None:
-            return "M00" if rest.startswith("mid_block_") else "IN00"  # mid_block_ / conv_in
-        i = int(m.group("i"))
-        if m.group("dir") == "down":
-            side, index = "IN", (3 + 3 * i if m.group("sampler") else 1 + 3 * i + int(m.group("j")))
-        else:
-            side, index = "OUT", (2 + 3 * i if m.group("sampler") else 3 * i + int(m.group("j")))
-    if index >= _IO_BLOCKS[a]:
-        return None
-    return f"{side}{index:02d}"
+    + diffusers names `down_blocks_1_attentions_0_...` or ldm names `input_blocks_4_1_...`); the names and the
+    block arithmetic are lib_tune.layer_names'. Blocks past the architecture's last one give None."""
+    return lbw_block(canonical_key, _check_arch(arch))
 
 
 def block_multiplier(vector: Union[BlockWeights, Sequence[float]], key: str, arch: str) -> float:
@@ -243,6 +208,6 @@ def arch_warning(vector: BlockWeights, arch: str) -> Optional[str]:
     if n in NATIVE_LENGTHS[a]:
         return None
     native = " or ".join(str(x) for x in NATIVE_LENGTHS[a])
-    missing = [b for b in BLOCKID26 if b not in vector.layout and (b in ("BASE", "M00") or int(b[-2:]) < _IO_BLOCKS[a])]
+    missing = [b for b in BLOCKID26 if b not in vector.layout and (b in ("BASE", "M00") or int(b[-2:]) < IO_BLOCKS[a])]
     return (f"block weights with {n} values are laid out for another architecture; {a} expects {native} values "
             f"(blocks {', '.join(missing)} get weight 0)")

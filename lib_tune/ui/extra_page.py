@@ -11,9 +11,8 @@ import sys
 from modules import shared, ui_extra_networks
 from modules.ui_extra_networks import quote_js
 
+from ..formats.arch import ARCH_NAMES
 from ..webui import networks
-
-_VERSION_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
 
 def webui_metadata(metadata):
@@ -53,7 +52,7 @@ class ExtraNetworksPageTune(ui_extra_networks.ExtraNetworksPage):
         search_terms = [self.search_terms_from_path(entry.path)]
         if entry.alias:
             search_terms.append(entry.alias)
-        version = _VERSION_NAMES.get(entry.architecture or "", "Unknown")
+        version = ARCH_NAMES.get(entry.architecture or "", "Unknown")
         item = {
             "name": name,
             "filename": entry.path,
@@ -84,7 +83,11 @@ class ExtraNetworksPageTune(ui_extra_networks.ExtraNetworksPage):
 
     def list_items(self):
         for index, entry in enumerate(networks.runtime().library.list()):
-            item = self.create_item(entry.name, index)
+            try:
+                item = self.create_item(entry.name, index)
+            except Exception as e:  # one odd file (metadata, preview, name) never empties the page
+                print(f"[Tune] no card for {entry.path!r}: {type(e).__name__}: {e}")
+                continue
             if item is not None:
                 yield item
 

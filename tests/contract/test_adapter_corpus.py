@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from lib_tune.formats import addnet_hash, legacy_hash, load_adapter, load_embedding
 from lib_tune.inject import find_targets, map_adapter
-from lib_tune.inject.mapping import _weight_of
+from lib_tune.inject.mapping import weight_of
 from tests.fixtures import adapters
 
 FIXTURES = {"sd1": "tiny_ldm_sd1", "sd2v": "tiny_ldm_sd2v", "sdxl": "tiny_sgm_sdxl"}
@@ -89,7 +89,7 @@ def test_file_loads_maps_completely_and_changes_every_layer(corpus, mapped, arch
 
     with torch.no_grad():
         for e in result.entries:
-            weight = _weight_of(e.module, e.part)
+            weight = weight_of(e.module, e.part)
             up, ex_bias = e.net.delta(weight)
             assert torch.isfinite(up).all() and up.abs().max() > 0, e.key
             rel = float(up.norm() / weight.norm())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lib_tune.inject import find_targets
-from lib_tune.inject.names import convert_key
+from lib_tune.layer_names import convert_key
 
 REPO = Path(__file__).resolve().parents[2]
 NETWORKS = "extensions-builtin/Lora/networks.py"

@@ -14,7 +14,7 @@ from lib_tune.algos.lora import LoraModule
 from lib_tune.algos.norm import NormModule
 from lib_tune.formats.model import AdapterFile
 from lib_tune.inject import Injector, activate, find_targets, map_adapter
-from lib_tune.inject.mapping import _weight_of
+from lib_tune.inject.mapping import weight_of
 from tests.fixtures import adapters
 
 ARCH = {"tiny_ldm_sd1": "sd1", "tiny_ldm_sd2v": "sd2", "tiny_sgm_sdxl": "sdxl"}
@@ -43,7 +43,7 @@ def te_keys(t):
             for p in ("q", "k", "v", "out"):
                 out[f"{prefix}text_model_encoder_layers_{m_[2]}_self_attn_{p}_proj"] = (name, p)
             continue
-        if not isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)) or _weight_of(m, None) is None:
+        if not isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)) or weight_of(m, None) is None:
             continue
         if re.fullmatch(r"(1_)?model_transformer_resblocks_\d+_attn_out_proj", name):
             continue  # part "out" of the attention above
@@ -97,7 +97,7 @@ def adapter(t, keys, arch):
     mods = {}
     for i, (key, (layer, part)) in enumerate(keys.items()):
         m = t[layer]
-        mods[key] = net_for(_weight_of(m, part).shape, i, isinstance(m, (nn.GroupNorm, nn.LayerNorm)))
+        mods[key] = net_for(weight_of(m, part).shape, i, isinstance(m, (nn.GroupNorm, nn.LayerNorm)))
     return AdapterFile(path=f"synthetic-{arch}.safetensors", modules=mods, architecture=arch)
 
 

@@ -2,6 +2,7 @@
 import torch
 
 from lib_tune.algos import build_module
+from lib_tune.algos.lokr import factorization
 
 D = torch.float64
 
@@ -59,3 +60,13 @@ def test_conv_tucker_w2():
         for l in range(3):
             w2[:, :, k, l] = w2a.T @ t2[:, :, k, l] @ w2b
     torch.testing.assert_close(dw, kron_loops(w1, w2) * 0.5)
+
+
+def test_factorization_matches_lycoris_table():
+    # values printed by lycoris-lora 4.1.3's lycoris.functional.general.factorization (its docstring's table is
+    # stale for 360 at factor -1)
+    cases = {(128, -1): (8, 16), (250, -1): (10, 25), (360, -1): (18, 20), (1024, -1): (32, 32), (127, 4): (1, 127),
+             (512, 4): (4, 128), (360, 8): (8, 45), (1024, 16): (16, 64), (320, -1): (16, 20), (768, -1): (24, 32),
+             (640, -1): (20, 32), (1280, -1): (32, 40), (64, -1): (8, 8), (32, -1): (4, 8), (256, 8): (8, 32)}
+    for (dim, factor), want in cases.items():
+        assert factorization(dim, factor) == want, (dim, factor)

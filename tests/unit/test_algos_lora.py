@@ -118,3 +118,26 @@ def test_bypass_refuses_dora():
     assert not m.can_bypass
     with pytest.raises(ValueError):
         m.bypass(rnd(1, 4), torch.nn.Linear(4, 4).to(D))
+
+
+def test_one_rank_cut_for_delta_bypass_and_factors():
+    """DyLoRA's `dyn=` cuts the same ranks in the three low-rank forms (cut_rank)."""
+    up, down = rnd(6, 4), rnd(4, 5, seed=1)
+    layer = torch.nn.Linear(5, 6).to(D)
+    m = build_module({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(2.0)})
+    dw, _ = m.delta(layer.weight.data, multiplier=0.5, dyn_dim=2)
+    f_up, f_down = m.linear_factors(2)
+    torch.testing.assert_close(f_up @ f_down * m.calc_scale() * 0.5, dw)
+    x = rnd(3, 5, seed=2)
+    torch.testing.assert_close(m.bypass(x, layer, multiplier=0.5, dyn_dim=2), F.linear(x, dw))
+
+
+def test_can_bypass_on_which_layers():
+    lin = build_module({"lora_up.weight": rnd(6, 2), "lora_down.weight": rnd(2, 4)})
+    assert lin.can_bypass_on(torch.nn.Linear(4, 6)) and not lin.can_bypass_on(torch.nn.Linear(9, 6))
+    k3 = build_module({"lora_up.weight": rnd(6, 2, 1, 1), "lora_down.weight": rnd(2, 4, 3, 3)})
+    assert k3.can_bypass_on(torch.nn.Conv2d(4, 6, 3)) and not k3.can_bypass_on(torch.nn.Conv2d(4, 6, 1))
+    assert not k3.can_bypass_on(torch.nn.Conv2d(9, 6, 3))  # inpainting conv_in: merged, zero-padded
+    assert not k3.can_bypass_on(torch.nn.Conv2d(4, 6, 3, groups=2))
+    dora = build_module({"lora_up.weight": rnd(6, 2), "lora_down.weight": rnd(2, 4), "dora_scale": rnd(1, 4)})
+    assert not dora.can_bypass_on(torch.nn.Linear(4, 6))

@@ -34,3 +34,20 @@ def test_every_kind_is_reachable():
         {"oft_blocks": t(1, 2, 2)},
     ]
     assert tuple(build_module(s).kind for s in samples) == KINDS
+
+
+def test_type_internals_stay_in_algos_and_formats():
+    """The parameter names of the network types (LoRA's up/down/mid, LoHa's hada_*, LoKr's lokr_* tensors) are
+    written only by the types themselves (lib_tune/algos) and the file-layout readers (lib_tune/formats). The
+    trainer's `lokr_factor` option is a setting's name, not a tensor's, and is not matched."""
+    import re
+    from pathlib import Path
+
+    import lib_tune
+
+    root = Path(lib_tune.__file__).parent
+    internal = re.compile(r"lora_(up|down|mid)|hada_|lokr_(?!factor)")
+    offenders = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
+                 if p.relative_to(root).parts[0] not in ("algos", "formats")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if internal.search(line)]
+    assert not offenders, offenders

@@ -6,7 +6,7 @@ from torch import nn
 from lib_tune.algos.lora import LoraModule
 from lib_tune.formats.model import AdapterFile
 from lib_tune.inject import ArchitectureMismatch, find_targets, map_adapter
-from lib_tune.inject.mapping import _weight_of
+from lib_tune.inject.mapping import weight_of
 from tests.unit.test_inject_targets import sd1_model, sd2_model, sdxl_model
 
 
@@ -23,7 +23,7 @@ def adapter_for(targets, key_to_layer, arch=None, path="test.safetensors"):
     """An AdapterFile with one LoRA per key, shaped for the layer (and q/k/v/out part) it should land on."""
     mods = {}
     for i, (key, (layer, part)) in enumerate(key_to_layer.items()):
-        mods[key] = lora(_weight_of(targets[layer], part).shape, seed=i)
+        mods[key] = lora(weight_of(targets[layer], part).shape, seed=i)
     return AdapterFile(path=path, modules=mods, architecture=arch)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from lib_tune.formats import load_adapter, save_adapter
 from lib_tune.inject import Injector, activate, map_adapter
-from lib_tune.train.methods import (MethodSpec, create_adapter, diffusers_name, factorization, select_targets)
+from lib_tune.train.methods import MethodSpec, create_adapter, select_targets
 from lib_tune.train.model import DiffusionModel
 from tests.unit.train_fakes import FakeLDM, model_fingerprint
 
@@ -23,16 +23,6 @@ def inputs(seed=0):
     t = torch.tensor([10, 700])
     ctx = torch.randn(2, 16, 12, generator=g)
     return x, t, ctx
-
-
-def test_factorization_matches_lycoris_table():
-    # values printed by lycoris-lora 4.1.3's lycoris.functional.general.factorization (its docstring's table is
-    # stale for 360 at factor -1)
-    cases = {(128, -1): (8, 16), (250, -1): (10, 25), (360, -1): (18, 20), (1024, -1): (32, 32), (127, 4): (1, 127),
-             (512, 4): (4, 128), (360, 8): (8, 45), (1024, 16): (16, 64), (320, -1): (16, 20), (768, -1): (24, 32),
-             (640, -1): (20, 32), (1280, -1): (32, 40), (64, -1): (8, 8), (32, -1): (4, 8), (256, 8): (8, 32)}
-    for (dim, factor), want in cases.items():
-        assert factorization(dim, factor) == want, (dim, factor)
 
 
 def test_presets_select_the_right_layers(dm):
@@ -55,11 +45,6 @@ def test_kohya_names(dm):
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert keys["diffusion_model_input_blocks_1_0_in_layers_2"] == "lora_unet_down_blocks_0_resnets_0_conv1"
     assert keys["diffusion_model_input_blocks_1_0_emb_layers_1"] == "lora_unet_down_blocks_0_resnets_0_time_emb_proj"
-    assert diffusers_name("middle_block_2_out_layers_3", torch.nn.Conv2d(1, 1, 3)) == "mid_block_resnets_1_conv2"
-    assert diffusers_name("input_blocks_6_0_op", torch.nn.Conv2d(1, 1, 3)) == "down_blocks_1_downsamplers_0_conv"
-    assert diffusers_name("output_blocks_5_2_conv", torch.nn.Conv2d(1, 1, 3)) == "up_blocks_1_upsamplers_0_conv"
-    assert diffusers_name("output_blocks_4_1_proj_in", torch.nn.Conv2d(1, 1, 1)) == "up_blocks_1_attentions_1_proj_in"
-    assert diffusers_name("input_blocks_0_0", torch.nn.Conv2d(1, 1, 3)) is None
 
 
 @pytest.mark.parametrize("method", NETWORKS)
