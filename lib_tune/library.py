@@ -7,9 +7,11 @@ scanning (no tensors); hashes are computed on demand and cached by (path, size, 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
@@ -65,34 +67,95 @@ def addnet_hash(path: str) -> str:
     return h.hexdigest()
 
 
+PARTIAL_DOWNLOAD_EXTS = (".part", ".crdownload", ".download", ".partial", ".aria2", ".tmp")
+
+
+@dataclass
+class SkippedFile:
+    """A file or folder under a Lora folder that is not offered as an adapter, and why (in words)."""
+    path: str
+    reason: str
+
+
+def probe_file(path: str, size: int) -> Dict[str, str]:
+    """The metadata of an adapter file after a cheap check of its container (header only, no tensors), or
+    AdapterFormatError with the reason in words."""
+    from .formats.container import read_header
+    from .formats.model import AdapterFormatError
+
+    if size == 0:
+        raise AdapterFormatError("the file is empty (0 bytes): an interrupted download or copy")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read the file ({e.strerror or e})") from None
+    if head.lstrip()[:1] == b"<" or head.lower().lstrip().startswith((b"<!doctype", b"<html")):
+        raise AdapterFormatError("an HTML or XML page saved under an adapter's name (a failed download: download "
+                                 "it again)")
+    if path.lower().endswith(".safetensors"):
+        return dict(read_header(path).metadata)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise AdapterFormatError("not a torch file (neither a zip archive nor a pickle)")
+    from .formats.safe_torch import prescan
+    prescan(path, size)  # what the pickle claims against the bytes behind it; nothing from the file runs
+    return {}
+
+
 def read_metadata(path: str) -> Dict[str, str]:
     """The string metadata of a safetensors file (header only); {} for other containers or unreadable files."""
-    if not path.endswith(".safetensors"):
-        return {}
     try:
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # a corrupt file is reported when it is used, not while listing
+        return probe_file(path, os.path.getsize(path)) if path.lower().endswith(".safetensors") else {}
+    except Exception:  # a corrupt file is reported by the scan and when it is used
         return {}
 
 
 def architecture_from_metadata(md: Dict[str, str]) -> Optional[str]:
-    arch = (md.get("modelspec.architecture") or "").lower()
-    if arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if arch.startswith("stable-diffusion-v1"):
-        return "sd1"
-    base = (md.get("ss_base_model_version") or "").lower()
-    if base.startswith("sdxl"):
-        return "sdxl"
-    if base.startswith("sd_v2") or md.get("ss_v2") == "True":
-        return "sd2"
-    if base.startswith("sd_v1") or md.get("ss_v2") == "False":
-        return "sd1"
-    return None
+    """The architecture a file's metadata names (formats.arch.from_metadata: the one rule for the loader too)."""
+    from .formats.arch import from_metadata
+    return from_metadata(md)
+
+
+def _why_stat_failed(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "a symlink loop"
+    if e.errno == errno.ENOENT:
+        return "a broken symlink (its target does not exist)"
+    return f"cannot read it ({e.strerror or e})"
+
+
+def walk_files(root: str, skipped: List[SkippedFile]):
+    """(folder, sorted directory entries that are not folders) for `root` and every folder under it, following
+    symlinks to folders once each: a loop or a second link to a folder already scanned is reported in `skipped`
+    and not entered again; an unreadable folder is reported and skipped, never fatal."""
+    seen = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                skipped.append(SkippedFile(folder, "a folder already scanned (a symlink loop or a second link to it)"))
+                continue
+            seen.add(key)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(SkippedFile(folder, f"folder not scanned: {_why_stat_failed(e)}"))
+            continue
+        files, subfolders = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            (subfolders if is_dir else files).append(entry)
+            if is_dir and entry.name.lower().endswith(ADAPTER_EXTS):
+                skipped.append(SkippedFile(entry.path, "a folder named like an adapter file (its contents are "
+                                                       "scanned)"))
+        yield folder, files
+        stack.extend(e.path for e in reversed(subfolders))
 
 
 class Library:
@@ -103,28 +166,20 @@ class Library:
         self._lock = threading.Lock()
         self.entries: Dict[str, AdapterEntry] = {}
         self.aliases: Dict[str, AdapterEntry] = {}
+        #: files under the roots that are not offered as adapters, with the reason (from the last refresh)
+        self.skipped: List[SkippedFile] = []
 
     def refresh(self) -> int:
+        """Scan the roots again; the number of adapters found. Files that cannot be adapters are listed in
+        `skipped` with the reason (and printed once to the console); one bad file never hides the others."""
         entries: Dict[str, AdapterEntry] = {}
+        skipped: List[SkippedFile] = []
         for root in self.roots:
             if not os.path.isdir(root):
                 continue
-            for dirpath, _dirs, files in os.walk(root, followlinks=True):
-                for fn in sorted(files):
-                    if not fn.lower().endswith(ADAPTER_EXTS):
-                        continue
-                    path = os.path.join(dirpath, fn)
-                    name = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
-                    if name in entries:
-                        continue
-                    old = self.entries.get(name)
-                    st = os.stat(path)
-                    if old and old.path == path and old.size == st.st_size and old.mtime == st.st_mtime:
-                        entries[name] = old
-                        continue
-                    md = read_metadata(path)
-                    entries[name] = AdapterEntry(name=name, path=path, metadata=md, alias=md.get("ss_output_name"),
-                                                 size=st.st_size, mtime=st.st_mtime)
+            for folder, files in walk_files(root, skipped):
+                for f in files:
+                    self._scan_file(root, f.path, f.name, entries, skipped)
         aliases: Dict[str, AdapterEntry] = {}
         claimed: Dict[str, int] = {}
         for e in entries.values():
@@ -135,8 +190,57 @@ class Library:
             if n > 1 or alias in entries:
                 aliases.pop(alias, None)
         with self._lock:
-            self.entries, self.aliases = entries, aliases
+            before = {(x.path, x.reason) for x in self.skipped}
+            self.entries, self.aliases, self.skipped = entries, aliases, skipped
+        new = [x for x in skipped if (x.path, x.reason) not in before]
+        if new:
+            print(f"[Tune] {len(new)} file(s) in the Lora folder(s) skipped:")
+            for x in new:
+                print(f"[Tune]   {x.path!r}: {x.reason}")
         return len(entries)
+
+    def _scan_file(self, root: str, path: str, fname: str, entries: Dict[str, AdapterEntry],
+                   skipped: List[SkippedFile]) -> None:
+        from .formats.model import AdapterFormatError
+
+        lower = fname.lower()
+        if lower.endswith(PARTIAL_DOWNLOAD_EXTS) and os.path.splitext(lower)[0].endswith(ADAPTER_EXTS):
+            skipped.append(SkippedFile(path, "an incomplete download (finish or delete it)"))
+            return
+        if not lower.endswith(ADAPTER_EXTS):
+            return
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            skipped.append(SkippedFile(path.encode("utf-8", "replace").decode("utf-8"),
+                                       "the file name is not valid UTF-8 (rename it)"))
+            return
+        name = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
+        if name in entries:
+            return
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            skipped.append(SkippedFile(path, _why_stat_failed(e)))
+            return
+        if not stat.S_ISREG(st.st_mode):
+            skipped.append(SkippedFile(path, "not a regular file"))
+            return
+        old = self.entries.get(name)
+        if old and old.path == path and old.size == st.st_size and old.mtime == st.st_mtime:
+            entries[name] = old
+            return
+        try:
+            md = probe_file(path, st.st_size)
+        except AdapterFormatError as e:
+            skipped.append(SkippedFile(path, str(e)))
+            return
+        except Exception as e:  # whatever else a hostile file does, it is this file's problem only
+            skipped.append(SkippedFile(path, f"cannot read it ({type(e).__name__}: {e})"))
+            return
+        alias = md.get("ss_output_name")
+        entries[name] = AdapterEntry(name=name, path=path, metadata=md, alias=alias if alias else None,
+                                     size=st.st_size, mtime=st.st_mtime)
 
     def find(self, name: str) -> Optional[AdapterEntry]:
         """By name (with or without sub-folders), then by the bare file stem when unique, then by alias."""
@@ -151,8 +255,11 @@ class Library:
         with self._lock:
             items = list(self.entries.values())
         for e in items:
-            if e.shorthash == shorthash:
-                return e
+            try:
+                if e.shorthash == shorthash:
+                    return e
+            except OSError:  # removed or unreadable since the scan
+                continue
         return None
 
     def list(self) -> List[AdapterEntry]:

@@ -38,6 +38,15 @@ def load_adapter(path: str) -> AdapterFile:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             _unplaced(out, str(key), "not a tensor")
             continue
+        problem = _tensor_problem(value)
+        if problem:
+            _unplaced(out, key, problem)
+            continue
+        if value.is_floating_point() and not bool(torch.isfinite(_finite_view(value)).all()):
+            raise AdapterFormatError(f"{name}: tensor {key} holds NaN or infinite values (a damaged file or a "
+                                     f"diverged training run); it would turn every image black")
+        if value.dtype in FLOAT8:
+            value = value.float()  # torch has no float8 arithmetic; float32 holds every float8 value exactly
         if key.startswith("bundle_emb."):
             if not _add_bundle(bundles, key, value):
                 _unplaced(out, key, "malformed bundled-embedding key")
@@ -45,6 +54,10 @@ def load_adapter(path: str) -> AdapterFile:
         place = place_key(key)
         if place is None:
             _unplaced(out, key, "unknown key layout")
+        elif place.param in SCALAR_PARAMS and value.numel() != 1:
+            _unplaced(out, key, f"{place.param} must be one number, it has shape {tuple(value.shape)}")
+        elif place.param not in SCALAR_PARAMS and not value.is_floating_point():
+            _unplaced(out, key, f"weights must be floating-point, not {str(value.dtype).replace('torch.', '')}")
         elif place.param in groups.get(place.module, {}):
             _unplaced(out, key, f"duplicate of {sources[place.module][place.param]}")
         else:
@@ -58,18 +71,25 @@ def load_adapter(path: str) -> AdapterFile:
             _fill_peft_alpha(weights, places[module], peft)
         try:
             built = build_module(weights)
-        except (UnsupportedModuleError, RuntimeError, IndexError) as e:
+        except Exception as e:  # UnsupportedModuleError; anything else a network type trips over on odd shapes
+            why = str(e) if isinstance(e, UnsupportedModuleError) else f"cannot be used ({type(e).__name__}: {e})"
             for key in sources[module].values():
-                _unplaced(out, key, str(e))
+                _unplaced(out, key, why)
             continue
         out.modules[module] = built
         for param in built.unused_keys():
             _unplaced(out, sources[module].get(param, param), f"not used by {built.kind}")
 
     for emb_name, emb_data in bundles.items():
-        out.embeddings[emb_name] = embedding_from_dict(emb_data, emb_name, source=f"{path}/{emb_name}")
+        try:
+            out.embeddings[emb_name] = embedding_from_dict(emb_data, emb_name, source=f"{path}/{emb_name}")
+        except AdapterFormatError as e:
+            raise AdapterFormatError(f"{name}: bundled embedding {e}") from None
 
-    out.architecture = guess_architecture({_provisional(k): m for k, m in out.modules.items()}, metadata)
+    try:
+        out.architecture = guess_architecture({_provisional(k): m for k, m in out.modules.items()}, metadata)
+    except Exception:  # odd shapes that a network type accepted: no guess rather than no file
+        out.architecture = None
     te_l = "lora_te1_" if out.architecture == "sdxl" else "lora_te_"
     out.modules = {(te_l + k[len(TE_PENDING):] if k.startswith(TE_PENDING) else k): m for k, m in out.modules.items()}
 
@@ -78,6 +98,26 @@ def load_adapter(path: str) -> AdapterFile:
         reason = out.notes[0] if out.notes else "the file holds no tensors"
         raise AdapterFormatError(f"{name}: no adapter weights found ({reason}); keys: {shown or 'none'}")
     return out
+
+
+#: parameters that are one number (alpha, an explicit scale, IA3's on_input flag): any real dtype
+SCALAR_PARAMS = ("alpha", "scale", "on_input")
+FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def _tensor_problem(value: torch.Tensor) -> str:
+    """Why a tensor cannot be a weight of any network type, or ""."""
+    if value.layout != torch.strided:
+        return f"not a dense tensor ({value.layout})"
+    if value.is_complex() or value.is_quantized:
+        return f"unusable dtype {str(value.dtype).replace('torch.', '')}"
+    if value.numel() == 0:
+        return f"empty tensor (shape {tuple(value.shape)})"
+    return ""
+
+
+def _finite_view(value: torch.Tensor) -> torch.Tensor:
+    return value.float() if value.dtype in FLOAT8 else value
 
 
 def _provisional(module: str) -> str:
@@ -97,7 +137,12 @@ def _add_bundle(bundles: Dict[str, dict], key: str, value: torch.Tensor) -> bool
     emb_name, vec_name = parts
     group = bundles.setdefault(emb_name, {})
     if vec_name.startswith("string_to_param."):
-        group.setdefault("string_to_param", {})[vec_name.split(".", 1)[1]] = value
+        params = group.setdefault("string_to_param", {})
+        if not isinstance(params, dict):  # `bundle_emb.<name>.string_to_param` was a tensor itself
+            return False
+        params[vec_name.split(".", 1)[1]] = value
+    elif vec_name == "string_to_param" and vec_name in group:
+        return False
     else:
         group[vec_name] = value
     return True
@@ -116,8 +161,15 @@ def _fill_peft_alpha(weights: Dict[str, torch.Tensor], place: KeyPlace, peft) ->
     else:
         config = peft
     alpha = _pattern(config.get("alpha_pattern"), place.path, config.get("lora_alpha"))
-    rank = weights["lora_down.weight"].shape[0] if "lora_down.weight" in weights else None
-    if not isinstance(alpha, (int, float)) or rank is None:
+    down = weights.get("lora_down.weight")
+    rank = down.shape[0] if down is not None and down.dim() >= 1 else None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not rank:
+        return
+    try:
+        alpha = float(alpha)
+    except OverflowError:  # a JSON integer beyond float range
+        return
+    if not math.isfinite(alpha):  # JSON NaN / Infinity
         return
     if config.get("use_rslora"):
         weights["scale"] = torch.tensor(float(alpha) / math.sqrt(rank))

@@ -64,13 +64,19 @@ def check_name(name: str, where: str) -> None:
 def _checked(vectors: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]:
     out = {}
     for key, vec in vectors.items():
-        if not isinstance(vec, torch.Tensor) or not vec.is_floating_point():
-            raise AdapterFormatError(f"{where}: {key} is not a floating-point tensor")
+        if not isinstance(vec, torch.Tensor) or not vec.is_floating_point() or vec.layout != torch.strided:
+            kind = f"a {type(vec).__name__}" if not isinstance(vec, torch.Tensor) else \
+                f"a {str(vec.dtype).replace('torch.', '')} {'tensor' if vec.layout == torch.strided else vec.layout}"
+            raise AdapterFormatError(f"{where}: {key} is {kind}, not a floating-point tensor of vectors")
         if vec.dim() == 1:
             vec = vec.unsqueeze(0)
         if vec.dim() != 2 or vec.shape[0] == 0 or vec.shape[1] == 0:
             raise AdapterFormatError(f"{where}: {key} must be [n_vectors, width], got {tuple(vec.shape)}")
-        out[key] = vec.detach().to("cpu", torch.float32)
+        vec = vec.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(vec).all()):
+            raise AdapterFormatError(f"{where}: {key} holds NaN or infinite values (a damaged file or a diverged "
+                                     f"training run)")
+        out[key] = vec
     if len({v.shape[0] for v in out.values()}) > 1:
         raise AdapterFormatError(f"{where}: the encoders disagree on the number of vectors")
     return out

@@ -15,8 +15,9 @@ Accepted (positional first, then named, named wins):
   te= unet= dyn= lbw= (alias w=)    as the built-in / LBW
   start= stop= step=a-b             LBW step bounds (see schedule.py for steps vs fractions)
   hr= hrte= hrunet=                 loractl's hires-pass weights (hr sets both; defaults: te / unet)
-Every weight may be a loractl schedule (`0@0,1@0.5`, see schedule.py). Unknown named arguments are kept in
-`extra` (not an error: the caller may warn) and written back into canonical tags.
+Every weight may be a loractl schedule (`0@0,1@0.5`, see schedule.py); weights beyond +-10000 (MAX_WEIGHT) are
+refused, as is a `dyn=` of more than 9 digits. Unknown named arguments are kept in `extra` (not an error: the
+caller may warn) and written back into canonical tags.
 
 Names: surrounding blanks are stripped, everything else (inner spaces, sub/dir/name, backslashes) passes through
 unchanged; '..' path segments and absolute paths are refused (the name is later resolved against model
@@ -31,13 +32,17 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from .blocks import BlockWeights, looks_like_block_weights, parse_block_weights
 from .errors import TagError
 from .schedule import Schedule, StepBound
-from .tokens import is_number, parse_count
+from .tokens import fmt_number, is_number, parse_count
 
 __all__ = ["AdapterRequest", "TagError", "parse_params", "parse_tag", "find_tags"]
 
 _DRIVE = re.compile(r"[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TAG_PATTERN = re.compile(r"<(\w+):([^>]+)>")  # the webui's re_extra_net
+#: the largest weight (either sign) a tag may give; real ones stay within a few units
+MAX_WEIGHT = 10_000.0
+#: digits of the longest `dyn=` accepted (a rank); longer numbers are refused before they are converted
+MAX_COUNT_DIGITS = 9
 #: named arguments this grammar reads; `w` is LBW's alias of `lbw`
 _KNOWN = ("te", "unet", "dyn", "lbw", "w", "start", "stop", "step", "hr", "hrte", "hrunet")
 
@@ -135,6 +140,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def _check_range(schedule: Schedule, what: str) -> None:
+    """Weights beyond +-MAX_WEIGHT are typing mistakes, and between two huge keyframes the interpolation overflows
+    to inf/NaN (a black image): TagError."""
+    values = [schedule.constant] if schedule.constant is not None else [k.weight for k in schedule.keyframes]
+    for v in values:
+        if abs(v) > MAX_WEIGHT:
+            raise TagError(f"{what} {fmt_number(v)} is out of range (at most {fmt_number(MAX_WEIGHT)} either way)")
+
+
 def split_items(items: Sequence[object]) -> Tuple[List[str], Dict[str, str]]:
     """positional / named exactly as ExtraNetworkParams splits them, with keys lower-cased and blanks stripped."""
     positional: List[str] = []
@@ -191,6 +205,9 @@ def _parse(positional: List[str], named: Dict[str, str], default_weight: float,
     hr_unet = Schedule.parse(named["hrunet"], "hrunet weight") if "hrunet" in named else (unet if hr is None else hr)
 
     dyn_text = named.get("dyn", dyn_pos)
+    if dyn_text and len(dyn_text.strip()) > MAX_COUNT_DIGITS:  # before int(): Python refuses 4300+ digit numbers
+        raise TagError(f"dyn {dyn_text.strip()[:20]!r}... is too large (a rank has at most "
+                       f"{MAX_COUNT_DIGITS} digits)")
     dyn = parse_count(dyn_text, "dyn") if dyn_text else None
 
     lbw = parse_block_weights(lbw_text, presets) if lbw_text is not None else None
@@ -208,6 +225,10 @@ def _parse(positional: List[str], named: Dict[str, str], default_weight: float,
     if start is not None and stop is not None and start.fraction == stop.fraction and start.percent == stop.percent \
             and start.value >= stop.value:
         raise TagError(f"start {start} is not before stop {stop}")
+
+    for what, schedule in (("te weight", te), ("unet weight", unet), ("hrte weight", hr_te),
+                           ("hrunet weight", hr_unet)):
+        _check_range(schedule, what)
 
     extra = {k: v for k, v in named.items() if k not in _KNOWN}
     return dict(name=name, te=te, unet=unet, hr_te=hr_te, hr_unet=hr_unet, dyn=dyn, lbw=lbw, start=start,

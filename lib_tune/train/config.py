@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional
 
@@ -52,6 +53,18 @@ PRESET_VALUES: Dict[str, Dict[str, Any]] = {
                     train_text_encoder=False, num_vectors=2, emb_lr=5e-4, keep_tokens=1),
 }
 _DEFAULT_PRESET = {"ti": "ti", "pivotal": "pivotal"}
+#: folders: absolute or relative paths, never with NUL bytes or '..' components
+PATH_FIELDS = ("dataset", "output_dir", "state_dir", "class_dir", "latent_cache_dir")
+#: free text (prompts, captions, the trigger word): anything but NUL bytes
+TEXT_FIELDS = ("trigger", "class_prompt", "default_caption", "init_text")
+#: device names Windows reserves in every folder, with or without an extension, in any case
+WINDOWS_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)]
+                             + [f"LPT{i}" for i in range(1, 10)])
+#: longest output_name in UTF-8 bytes: suffixes (-best, -state, -000123, .safetensors) must still fit in the 255
+#: bytes of a file name
+MAX_NAME_BYTES = 200
+#: deepest nesting of a field's JSON value (stages: list > stage > targets list)
+MAX_DEPTH = 8
 
 
 class ConfigError(ValueError):
@@ -128,6 +141,9 @@ class TrainConfig:
     max_bucket: int = 1024
     bucket_step: int = 64
     bucket_no_upscale: bool = False
+    #: an image that cannot train (unreadable, truncated, too small for any bucket): "skip" leaves it out with a
+    #: warning in the report, the job's events and ss_tune_skipped_images; "fail" refuses to start
+    on_bad_image: str = "skip"
     flip_aug: bool = False
     random_crop: bool = False
     shuffle_caption: bool = False
@@ -170,7 +186,9 @@ class TrainConfig:
         names = {f.name: f for f in fields(cls)}
         for key in data:
             if key not in names:
-                raise ConfigError(str(key), "unknown field")
+                raise ConfigError(key if isinstance(key, str) else _show(key), "unknown field")
+            if _depth(data[key]) > MAX_DEPTH:
+                raise ConfigError(key, f"is nested more than {MAX_DEPTH} levels deep")
         if data.get("stages") and isinstance(data["stages"], list) and data.get("steps") in (None, 0):
             from .stages import check_stages, total_steps
             check_stages(data["stages"], data.get("method"))
@@ -247,9 +265,15 @@ class TrainConfig:
         _check_choice("method", self.method, METHODS)
         _check_int("steps", self.steps, 1, 10_000_000)
         _check_str("output_name", self.output_name, required=True)
-        if re.search(r"[\\/:*?\"<>|\x00-\x1f]", self.output_name) or self.output_name.strip() in (".", ".."):
-            raise ConfigError("output_name", "must be a file name without path separators or reserved characters")
+        _check_file_name("output_name", self.output_name)
         _check_str("trigger", self.trigger, required=True)
+        for name in TEXT_FIELDS:
+            _check_str(name, getattr(self, name))
+            if "\0" in getattr(self, name):
+                raise ConfigError(name, "must not contain NUL bytes")
+        for name in PATH_FIELDS:
+            if getattr(self, name) is not None:
+                _check_path(name, getattr(self, name))
         if self.trains_embedding and not re.fullmatch(r"[^\s.,/\\()\[\]<>:]+", self.trigger):
             raise ConfigError("trigger", "an embedding's trigger must be one word without spaces, dots, commas, "
                                          "slashes, brackets or colons")
@@ -276,6 +300,9 @@ class TrainConfig:
         if self.stages is not None:
             from .stages import check_stages, total_steps
             check_stages(self.stages, self.method)
+            for i, st in enumerate(self.stages):
+                if "\0" in (st.get("name") or ""):
+                    raise ConfigError(f"stages[{i}].name", "must not contain NUL bytes")
             if self.steps != total_steps(self.stages):
                 raise ConfigError("steps", f"must equal the sum of the stages' steps ({total_steps(self.stages)}) "
                                            f"or be left out, not {self.steps}")
@@ -339,25 +366,98 @@ class TrainConfig:
         _check_int("keep_last", self.keep_last, 1, 10_000)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _check_int("sample_every", self.sample_every, 0, 10_000_000)
+        _check_choice("on_bad_image", self.on_bad_image, ("skip", "fail"))
         self._validate_validation()
-        for name in ("output_dir", "state_dir", "class_dir", "latent_cache_dir"):
-            if getattr(self, name) is not None:
-                _check_str(name, getattr(self, name))
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------
 def _coerce(f: dataclasses.Field, key: str, value: Any) -> Any:
     """JSON numbers for float fields may arrive as ints; everything else must already have its type."""
     if value is None:
-        return None
+        return "" if key in TEXT_FIELDS else None  # a form's empty text box may arrive as null
     if f.type in ("float", "Optional[float]") and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(key, f"must be a number of sensible size, not {_show(value)}") from None
     return value
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 6, 4
+
+
+def _show(value) -> str:
+    """A short repr for messages: nested and long values abbreviated, huge integers described (Python refuses to
+    print integers of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+
+
+def _depth(value) -> int:
+    """How deeply lists/dicts nest in a JSON value (iterative: no recursion on hostile input)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_DEPTH:
+            break
+        if isinstance(v, dict):
+            todo.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _check_file_name(name: str, value: str) -> None:
+    """A plain file name (the stem of the adapter file) that works on Linux, macOS and Windows."""
+    if "\0" in value:
+        raise ConfigError(name, "must not contain NUL bytes")
+    if "/" in value or "\\" in value:
+        raise ConfigError(name, "must be a file name, not a path (no / or \\)")
+    if value.strip() in (".", ".."):
+        raise ConfigError(name, f"{value.strip()!r} is not a file name")
+    if re.search(r"[:*?\"<>|\x00-\x1f\x7f]", value):
+        raise ConfigError(name, "must be a file name without reserved characters (: * ? \" < > | or control "
+                                "characters)")
+    if value.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+        raise ConfigError(name, f"{value!r} is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, "
+                                f"LPT1-9, with any extension)")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ConfigError(name, f"is too long for a file name (at most {MAX_NAME_BYTES} bytes)")
+
+
+def check_name(name: str, value, allow_folders: bool = False) -> None:
+    """An adapter or output name from a request: a file name (`allow_folders`: sub-folders separated by '/', as
+    adapter names are, but never absolute and never '..'); ConfigError naming the field otherwise."""
+    _check_str(name, value, required=True)
+    if not allow_folders:
+        _check_file_name(name, value)
+        return
+    if "\0" in value:
+        raise ConfigError(name, "must not contain NUL bytes")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ConfigError(name, "must be a name relative to the Lora folder, not an absolute path")
+    for part in value.split("/"):
+        _check_file_name(name, part)
+
+
+def _check_path(name: str, value) -> None:
+    """A folder: absolute or relative, but no NUL bytes and no '..' components."""
+    _check_str(name, value)
+    if "\0" in value:
+        raise ConfigError(name, "must not contain NUL bytes")
+    if any(part.strip() == ".." for part in re.split(r"[\\/]", value)):
+        raise ConfigError(name, "must not contain '..' components; give the folder's own path")
+
+
 def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(name, f"must be one of {', '.join(choices)}, not {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, not {_show(value)}")
 
 
 def _check_str(name: str, value, required: bool = False) -> None:
@@ -369,18 +469,18 @@ def _check_str(name: str, value, required: bool = False) -> None:
 
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(name, f"must be true or false, not {value!r}")
+        raise ConfigError(name, f"must be true or false, not {_show(value)}")
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, not {value!r}")
+        raise ConfigError(name, f"must be an integer, not {_show(value)}")
     if not lo <= value <= hi:
-        raise ConfigError(name, f"must be between {lo} and {hi}, not {value}")
+        raise ConfigError(name, f"must be between {lo} and {hi}, not {_show(value)}")
 
 
 def _check_float(name: str, value, lo: float, hi: float, open_low: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(name, f"must be a number, not {value!r}")
+        raise ConfigError(name, f"must be a number, not {_show(value)}")
     if value < lo or value > hi or (open_low and value == lo):
-        raise ConfigError(name, f"must be {'>' if open_low else '>='} {lo} and <= {hi}, not {value}")
+        raise ConfigError(name, f"must be {'>' if open_low else '>='} {lo} and <= {hi}, not {_show(value)}")

@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageOps
 
-from .image_check import incomplete
+from .image_check import incomplete, not_a_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -246,6 +246,10 @@ def _make_item(root: str, path: str, subset: Subset, config: DatasetConfig, by_l
             and not has_trigger(item.caption, config.trigger_word):
         item.caption = add_trigger(item.caption, config.trigger_word)
         item.trigger_added = True
+    why = not_a_file(path)
+    if why:
+        item.size_error = why
+        return item
     try:
         item.size = read_image_size(path)
     except Exception as e:  # header unreadable: the validator reports it

@@ -16,6 +16,9 @@ checked here: Pillow's own strict decoding then decides).
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import struct
 import zlib
 from typing import Optional
@@ -25,9 +28,27 @@ _MAGICS = (PNG_MAGIC, b"\xff\xd8", b"RIFF", b"BM", b"GIF87a", b"GIF89a")
 
 
 def incomplete(path: str) -> Optional[str]:
+    why = not_a_file(path)
+    if why:
+        return why
     with open(path, "rb") as f:
         data = f.read()
     return incomplete_bytes(data)
+
+
+def not_a_file(path: str) -> Optional[str]:
+    """Why `path` cannot be read as an image file (a pipe would block a reader forever), or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if e.errno == errno.ENOENT:
+            return "a broken symlink or a file removed meanwhile"
+        return f"cannot read it ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, socket, device or folder)"
+    return None
 
 
 def incomplete_bytes(data: bytes) -> Optional[str]:

@@ -17,10 +17,12 @@ from PIL import Image
 
 from .buckets import BucketConfig, apply_transform, assign_bucket, derive_schedule, plan_buckets, plan_transform
 from .dataset import BadImage, Dataset, DatasetConfig, discover, has_trigger, load_image
-from .image_check import incomplete
+from .image_check import incomplete, not_a_file
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 _NORMAL_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "La", "PA"}
+#: the shortest side an image may have (one latent pixel)
+MIN_SIDE = 8
 #: what happens to an image that cannot train: "skip" leaves it out with a warning, "fail" stops the run
 BAD_IMAGE_POLICIES = ("skip", "fail")
 #: problem codes that mean "this image cannot train" (left out under on_bad_image="skip")
@@ -127,6 +129,9 @@ def check_image(path: str) -> List[Problem]:
     """Check one image's container (image_check: per call, never through Pillow's process-wide switch) and
     verify it; problems found (empty when it is fine). check_at_bucket then decodes it as training will."""
     out: List[Problem] = []
+    why = not_a_file(path)
+    if why:
+        return [Problem(ERROR, "corrupt_image", why, path)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -197,6 +202,11 @@ def validate_dataset(config: ValidationConfig) -> Report:
         if it.path in excluded:
             continue
         w, h = it.size
+        if min(w, h) < MIN_SIDE:
+            P.append(Problem(ERROR, "too_small", f"{w}x{h}: too small to train (a side under {MIN_SIDE} px is less "
+                                                 f"than one latent pixel)", it.path))
+            excluded.add(it.path)
+            continue
         try:
             a = assign_bucket(it.size, bcfg)
         except ValueError as e:

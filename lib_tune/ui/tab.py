@@ -12,6 +12,7 @@ file instead of writing a temporary copy every poll.
 """
 from __future__ import annotations
 
+import html
 import os
 import threading
 from typing import Any, Dict, List, Optional
@@ -40,8 +41,16 @@ VALIDATION_KEYS = ("validation_count", "validation_split", "validation_every", "
 
 def _status_markdown() -> str:
     s = webui_status.status()
-    return (f"**sd-webui-tune {s['version']}** · base model: **{s['model'] or 'none loaded'}** "
+    text = (f"**sd-webui-tune {s['version']}** · base model: **{s['model'] or 'none loaded'}** "
             f"({s['architecture']})")
+    if s.get("adapters") is not None:
+        text += f" · adapters: {s['adapters']}"
+    skipped = s.get("skipped_files") or []
+    if skipped:
+        rows = "".join(f"<li><code>{html.escape(x['path'])}</code>: {html.escape(x['reason'])}</li>" for x in skipped)
+        text += (f"\n\n<details id=\"tune_skipped_files\"><summary>{len(skipped)} file(s) in the Lora folder "
+                 f"skipped (not adapters)</summary><ul>{rows}</ul></details>")
+    return text
 
 
 def _jobs():

@@ -15,6 +15,11 @@ def _adapter_json(entry) -> dict:
     }
 
 
+def skipped_json(item) -> dict:
+    """A file of the Lora folder that is not an adapter: its name (as an adapter's would be), path and why."""
+    return {"name": None, "path": item.path, "error": item.reason, "skipped": True}
+
+
 def summary_type(entry) -> str:
     """The network family from metadata (cheap), e.g. 'lora', 'lycoris.loha'; 'unknown' without metadata."""
     md = entry.metadata
@@ -49,6 +54,7 @@ def add_routes(app):
 
     @app.get("/tune/v1/adapters")
     def tune_adapters():
+        """Every adapter, then every file that was skipped ({"path", "error", "skipped": true})."""
         lib = networks.runtime().library
         if not lib.entries:
             lib.refresh()
@@ -56,20 +62,21 @@ def add_routes(app):
         for e in lib.list():
             try:
                 out.append(_adapter_json(e))
-            except OSError as err:  # a file removed or unreadable since the scan
-                out.append({"name": e.name, "path": e.path, "error": str(err)})
-        return out
+            except Exception as err:  # a file removed, replaced or unreadable since the scan: this entry only
+                out.append({"name": e.name, "path": e.path, "error": f"{type(err).__name__}: {err}"})
+        return out + [skipped_json(x) for x in lib.skipped]
 
     @app.post("/tune/v1/refresh")
     def tune_refresh():
-        n = networks.runtime().library.refresh()
-        return {"adapters": n}
+        lib = networks.runtime().library
+        n = lib.refresh()
+        return {"adapters": n, "skipped": [skipped_json(x) for x in lib.skipped]}
 
     # ---- training -----------------------------------------------------------------------------------------------
     from fastapi import Body
     from fastapi.responses import JSONResponse
 
-    from ..train.config import ConfigError
+    from ..train.config import ConfigError, check_name
 
     def _422(e: ConfigError):
         return JSONResponse(status_code=422, content={"detail": {"field": e.field, "message": e.message}})
@@ -114,6 +121,10 @@ def add_routes(app):
 
     @app.get("/tune/v1/adapters/{name:path}")
     def tune_adapter(name: str):
+        try:
+            check_name("name", name, allow_folders=True)
+        except ConfigError as e:
+            return _422(e)
         e = networks.runtime().library.find(name)
         if e is None:
             raise HTTPException(status_code=404, detail=f"adapter '{name}' not found")

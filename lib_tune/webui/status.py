@@ -18,11 +18,19 @@ def model_architecture(sd_model) -> str:
 def status() -> dict:
     sd_model = shared.sd_model if getattr(shared, "sd_model", None) is not None else None
     info = getattr(sd_model, "sd_checkpoint_info", None)
-    return {
+    out = {
         "version": __version__,
         "model": getattr(info, "name_for_extra", None) or getattr(info, "title", None),
         "architecture": model_architecture(sd_model),
     }
+    try:
+        from . import networks
+        lib = networks.runtime().library
+        out["adapters"] = len(lib.entries)
+        out["skipped_files"] = [{"path": x.path, "reason": x.reason} for x in lib.skipped]
+    except Exception as e:  # the status never fails for the library's sake
+        out["adapters"], out["skipped_files"] = None, [{"path": "", "reason": f"library unavailable: {e}"}]
+    return out
 
 
 def model_hash() -> dict:

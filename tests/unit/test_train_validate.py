@@ -245,3 +245,37 @@ def test_to_text_collapses_repeated_infos(tmp_path):
     text = rep.to_text()
     assert text.count("INFO caption_fallback: no caption file") == 3
     assert "INFO caption_fallback: ... and 3 more" in text
+
+
+def test_the_whole_hostile_image_corpus_beside_good_images(tmp_path):
+    """Eight good images, seven odd-but-valid ones and the generated bad-image corpus in one dataset: the check
+    ends, every bad image is left out with its path and a reason, every good and odd one trains, and the strict
+    policy refuses the same dataset."""
+    import threading
+
+    from tests.fixtures import hostile
+    ds = tmp_path / "mixed"
+    good = hostile.write_good_images(ds, 8)
+    odd = hostile.write_odd_images(ds)
+    bad = hostile.write_bad_images(ds)
+    cfg = ValidationConfig(dataset=DatasetConfig(train_dir=str(ds), default_caption="zkw"),
+                           buckets=BucketConfig((64, 64), min_size=64, max_size=128, step=64))
+    out = []
+    t = threading.Thread(target=lambda: out.append(validate_dataset(cfg)), daemon=True)
+    t.start()
+    t.join(120)  # a hang guard (a pipe opened for reading blocks forever), not a speed check
+    assert out, "the dataset check did not end"
+    rep = out[0]
+    readable_by_us = {str(i.path) for i in bad if i.category == "unreadable" and os.path.isfile(i.path)
+                      and os.access(i.path, os.R_OK) and i.decodable}  # mode 000 as root
+    assert rep.ok, rep.to_text()
+    assert rep.num_images == len(good) + len(odd) + len(readable_by_us), rep.to_text()
+    skipped = set(rep.skipped_images)
+    images = [i for i in bad if i.path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+              and str(i.path) not in readable_by_us and not os.path.isdir(i.path)]
+    missed = [(i.path.name, i.description) for i in images if str(i.path) not in skipped]
+    assert not missed, missed
+    reasons = {p.path: p.message for p in rep.problems if p.path in skipped}
+    assert all(reasons.get(p) for p in skipped)
+    strict = validate_dataset(ValidationConfig(dataset=cfg.dataset, buckets=cfg.buckets, on_bad_image="fail"))
+    assert not strict.ok and not strict.skipped_images
