@@ -432,8 +432,9 @@ def _check_file_name(name: str, value: str) -> None:
 
 
 def check_name(name: str, value, allow_folders: bool = False) -> None:
-    """An adapter or output name from a request: a file name (`allow_folders`: sub-folders separated by '/', as
-    adapter names are, but never absolute and never '..'); ConfigError naming the field otherwise."""
+    """An adapter or output name from a request: a file name (`allow_folders`: the name of an existing adapter,
+    sub-folders separated by '/', any characters a file system allows, but never absolute, never '..' or '.'
+    components, no NUL and no Windows device names); ConfigError naming the field otherwise."""
     _check_str(name, value, required=True)
     if not allow_folders:
         _check_file_name(name, value)
@@ -442,8 +443,12 @@ def check_name(name: str, value, allow_folders: bool = False) -> None:
         raise ConfigError(name, "must not contain NUL bytes")
     if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
         raise ConfigError(name, "must be a name relative to the Lora folder, not an absolute path")
-    for part in value.split("/"):
-        _check_file_name(name, part)
+    for part in value.split("/"):  # a file that exists may have any other character in its name
+        if part.strip() in ("", ".", ".."):
+            raise ConfigError(name, f"must not contain {part.strip() or 'empty'!r} path components")
+        if part.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+            raise ConfigError(name, f"{part!r} is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, "
+                                    f"LPT1-9, with any extension)")
 
 
 def _check_path(name: str, value) -> None:

@@ -94,6 +94,68 @@ class ExtraNetworksPageTune(ui_extra_networks.ExtraNetworksPage):
     def allowed_directories_for_previews(self):
         return networks.lora_dirs()
 
+    # The webui builds the folder buttons and the tree by walking the Lora folder itself, following symlinks
+    # without a guard (os.walk(followlinks=True), a recursive listdir): one looping symlink in the folder makes
+    # the page never render. Ours come from the cards' own paths (what the library scanned, loops skipped), so
+    # they list exactly the folders that hold adapters.
+    def _folders(self):
+        """{root: sorted relative folders (with their parents) that hold at least one card}"""
+        out = {}
+        for root in [os.path.abspath(x) for x in self.allowed_directories_for_previews()]:
+            found = set()
+            for item in self.items.values():
+                rel = os.path.relpath(os.path.dirname(os.path.abspath(item["filename"])), root)
+                if rel == "." or rel.startswith(".."):
+                    continue
+                parts = rel.split(os.sep)
+                found.update(os.sep.join(parts[:i]) for i in range(1, len(parts) + 1))
+            out[root] = sorted(found, key=shared.natural_sort_key)
+        return out
+
+    def create_dirs_view_html(self, tabname):
+        import html
+        subdirs = []
+        for _root, folders in self._folders().items():
+            for rel in folders:
+                sub = os.sep + rel if shared.opts.extra_networks_dir_button_function else rel
+                if (os.sep + "." in os.sep + rel) and not shared.opts.extra_networks_show_hidden_directories:
+                    continue
+                subdirs.append(sub + os.sep)
+        if subdirs:
+            subdirs = [""] + list(dict.fromkeys(subdirs))
+        return "".join(f"""
+        <button class='lg secondary gradio-button custom-button{" search-all" if d == "" else ""}' onclick='extraNetworksSearchButton("{tabname}", "{self.extra_networks_tabname}", event)'>
+        {html.escape(d if d != "" else "all")}
+        </button>
+        """ for d in subdirs)
+
+    def create_tree_view_html(self, tabname):
+        by_file = {v["filename"]: v for v in self.items.values()}
+        res = ""
+        for root in [os.path.abspath(x) for x in self.allowed_directories_for_previews()]:
+            tree = {}  # keys relative to the root's parent, as the webui's get_tree makes them
+            for path, item in by_file.items():
+                if os.path.relpath(os.path.abspath(path), root).startswith(".."):
+                    continue
+                rel = os.path.relpath(os.path.abspath(path), os.path.dirname(root))
+                node = tree
+                parts = rel.split(os.sep)
+                for i in range(len(parts) - 1):
+                    node = node.setdefault(os.sep.join(parts[:i + 1]), {})
+                node[rel] = item
+            for k, v in sorted(tree.items(), key=lambda x: shared.natural_sort_key(x[0])):
+                res += self.create_tree_dir_item_html(tabname, k, self._tree_html(tabname, v)) or ""
+        return f"<ul class='tree-list tree-list--tree'>{res}</ul>" if res else ""
+
+    def _tree_html(self, tabname, node):
+        dirs, files = [], []
+        for k, v in sorted(node.items(), key=lambda x: shared.natural_sort_key(x[0])):
+            if isinstance(v, dict) and "filename" not in v:
+                dirs.append(self.create_tree_dir_item_html(tabname, k, self._tree_html(tabname, v)))
+            else:
+                files.append(self.create_tree_file_item_html(tabname, k, v))
+        return "".join(x for x in dirs if x) + "".join(files) or None
+
     def create_user_metadata_editor(self, ui, tabname):
         # the built-in Lora's editor (ss_* table, tags, activation text, preferred weight) when it is loaded
         builtin = sys.modules.get("ui_edit_user_metadata")

@@ -95,6 +95,8 @@ FIELDS: Tuple[Field, ...] = (
     _f("mixed_precision", "choice", "Precision", choices=MIXED_PRECISION),
     _f("save_every", "int", "Save every N steps (0: at the end)"),
     _f("seed", "int", "Seed"),
+    _f("on_bad_image", "choice", "Unusable images", choices=("skip", "fail"),
+       info="skip: leave out, with a warning, images that cannot train; fail: refuse the dataset"),
     # validation (held-out images) and early stopping
     _f("validation_count", "int", "Held-out images (0: none)",
        info="scored for a validation loss, never trained on; overrides the fraction"),

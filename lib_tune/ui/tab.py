@@ -33,7 +33,7 @@ NETWORK_KEYS = ("targets", "network_dim", "network_alpha", "conv_dim", "train_te
 EMBEDDING_KEYS = ("num_vectors", "init_text", "emb_lr")
 RATE_KEYS = ("unet_lr", "te_lr", "optimizer", "lr_scheduler", "warmup_ratio", "min_snr_gamma", "noise_offset")
 DATA_KEYS = ("resolution", "min_bucket", "max_bucket", "batch_size", "gradient_accumulation",
-             "gradient_checkpointing", "mixed_precision", "save_every", "seed")
+             "gradient_checkpointing", "mixed_precision", "save_every", "seed", "on_bad_image")
 SAMPLE_KEYS = ("sample_prompts", "sample_every", "sample_steps")
 VALIDATION_KEYS = ("validation_count", "validation_split", "validation_every", "validation_timesteps",
                    "early_stopping_patience", "early_stopping_min_delta", "keep_best")

@@ -109,8 +109,11 @@ def test_tags_of_every_file_in_txt2img(webui, lora_folder):
     still applies, the model's weights are unchanged afterwards."""
     call(webui, "POST", "/tune/v1/refresh")
     _, listing = call(webui, "GET", "/tune/v1/adapters")
+    # (a name with '<', '>' or ':' cannot be written in a tag: the webui's tag syntax splits it elsewhere, and
+    # the rest stays in the prompt's text, which changes the image for another reason; '#' starts a prompt
+    # comment in webui 1.10, for the built-in's tags too)
     names = [a["name"] for a in listing if a.get("name") and a["name"].startswith(f"{FOLDER}/")
-             and a["name"] != f"{FOLDER}/{GOOD}" and not a.get("skipped")]
+             and a["name"] != f"{FOLDER}/{GOOD}" and not a.get("skipped") and not re.search(r"[<>:#]", a["name"])]
     before = webui.get("/tune/v1/model-hash")["sha256"]
     plain = first_image(webui.txt2img("a photo of a cat", seed=3))
     only_good = first_image(webui.txt2img(f"a photo of a cat <tune:{FOLDER}/{GOOD}:1>", seed=3))
@@ -127,11 +130,12 @@ def test_tags_of_every_file_in_txt2img(webui, lora_folder):
     assert GOOD in applied_names, info["infotexts"][0]
     mixed = first_image(r)
     if all(n.split("/")[-1] not in applied_names for n in names):  # none of the bad ones applied
-        assert max_abs_diff(mixed, only_good) <= 2, "the bad tags must not change the good adapter's image"
-    assert webui.get("/tune/v1/model-hash")["sha256"] == before
+        assert max_abs_diff(mixed, only_good) <= 2, ("the bad tags must not change the good adapter's image",
+                                                     info["infotexts"][0])
     assert not hostile.marker_path(lora_folder["root"] / "bad").exists(), "a pickle payload ran"
-    # the webui is still up and generates as before
+    # the webui is still up and generates as before; with the tags gone the weights are the pristine ones
     assert max_abs_diff(first_image(webui.txt2img("a photo of a cat", seed=3)), plain) == 0
+    assert webui.get("/tune/v1/model-hash")["sha256"] == before
 
 
 HOSTILE_NAMES = ["../escape", "../../etc/passwd", "/abs/path", "a\x00b", "CON", "nul.txt", "LPT1", "..", "sub/../x"]
@@ -232,7 +236,7 @@ def test_dataset_with_bad_images_trains_without_them(webui, checkpoints, tmp_pat
     assert job["state"] == "done", job
     assert any("left out" in e for e in job["events"]), job["events"][:5]
     assert sum(1 for e in job["events"] if "skipped " in e) == len(skipped)
-    with safe_open(job["output"], framework="pt") as f:
+    with safe_open(job["output_path"], framework="pt") as f:
         md = f.metadata()
     assert md["ss_tune_skipped_images"] == str(len(skipped))
     assert md["ss_num_train_images"] == str(8 + len(readable_by_us))
@@ -242,7 +246,9 @@ def test_dataset_with_bad_images_trains_without_them(webui, checkpoints, tmp_pat
     s, r = call(webui, "POST", "/tune/v1/validate", dict(body, dataset=str(tmp_path / "empty-nothing")))
     assert s in (200, 422)
     only_bad = tmp_path / "only-bad"
-    hostile.write_bad_images(only_bad)
+    for i in hostile.write_bad_images(only_bad):
+        if i.category == "unreadable" and os.path.isfile(i.path) and os.access(i.path, os.R_OK) and i.decodable:
+            os.unlink(i.path)  # mode 000 is readable as root: it would train
     s, r = call(webui, "POST", "/tune/v1/validate", dict(body, dataset=str(only_bad)))
     results.append(("validate only bad", s, r))
     assert s == 200 and r["ok"] is False and "none usable" in r["text"], r
@@ -267,6 +273,13 @@ def test_other_routes_with_hostile_ids(webui):
 def test_tune_tab_and_cards_page_show_the_folder(webui_js, lora_folder):
     """In a browser: the Tune tab's status names the skipped files; the Tune cards page shows the good one."""
     from .browser import page
+    # The webui's own pages (the built-in Lora's, with the same folder) walk the Lora folder following symlinks
+    # without a guard: a symlink that loops back to a parent folder makes every extra-networks refresh run
+    # forever, whatever an extension does. Ours lists folders from the scanned cards. Links to folders go for
+    # this test only; the file loops and every other oddity stay.
+    for p in list(lora_folder["root"].rglob("*")):
+        if p.is_symlink() and p.is_dir():
+            p.unlink()
     call(webui_js, "POST", "/tune/v1/refresh")
     with page(webui_js.url) as pg:
         pg.wait_for_selector("#tabs", timeout=180_000)
