@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +21,7 @@ import pytest
 from tests.fixtures import hostile
 
 from .images import first_image, max_abs_diff
+from .test_training import wait
 
 FOLDER = "hostile"  # in the host's Lora folder, removed at the end of the module
 GOOD = "hostile-good"
@@ -198,16 +198,6 @@ def test_every_field_with_hostile_values_never_500(webui, tmp_path):
     print(f"\n[hostile] {len(results)} hostile bodies on /tune/v1/validate: {dict(counts)}")
 
 
-def _wait(webui, job_id, timeout=600):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        j = webui.get(f"/tune/v1/jobs/{job_id}")
-        if j["state"] in ("done", "failed", "interrupted"):
-            return j
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
-
-
 def test_dataset_with_bad_images_trains_without_them(webui, checkpoints, tmp_path):
     """Eight good images and the whole bad-image corpus: the report names each bad one, the job starts and
     finishes without them, its events and the file's metadata count them; on_bad_image="fail" refuses."""
@@ -232,7 +222,7 @@ def test_dataset_with_bad_images_trains_without_them(webui, checkpoints, tmp_pat
     s, started = call(webui, "POST", "/tune/v1/train", body)
     results.append(("train", s, started))
     assert s == 200, started
-    job = _wait(webui, started["id"])
+    job = wait(webui, started["id"])
     assert job["state"] == "done", job
     assert any("left out" in e for e in job["events"]), job["events"][:5]
     assert sum(1 for e in job["events"] if "skipped " in e) == len(skipped)
