@@ -2,7 +2,7 @@
 
 Why random weights are enough: a training step costs the same whatever the weights hold, as long as the values
 stay ordinary floats (no NaN/inf, no denormals that slow CPUs down). The weights come from
-tests/fixtures/tiny_models.py's ``randomize_`` (seeded per tensor, N(0, 1/fan_in), norm scales near 1), which
+lib_tune/tiny/models.py's ``randomize_`` (seeded per tensor, N(0, 1/fan_in), norm scales near 1), which
 keeps activations near unit scale through the whole UNet.
 
 What is written (into ``folder``, reused when complete):
@@ -12,7 +12,7 @@ What is written (into ``folder``, reused when complete):
 - ``sd15-random-seed<S>.yaml``: webui's configs/v1-inference.yaml shapes (UNet 320 x (1, 2, 4, 4), attention at
   4/2/1, 8 heads, context 768; VAE 128 x (1, 2, 4, 4)), its text encoder pointing at
 - ``clip-l/``: a CLIP-L-shaped text-model config (hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408) and the
-  CLIP tokenizer (the real BPE table, tests/fixtures/tokenizer.py);
+  CLIP tokenizer (the real BPE table, lib_tune/tiny/tokenizer.py);
 - ``TOKENIZERS/openai_clip-vit-large-patch14/``: the same tokenizer files, where kohya's
   ``--tokenizer_cache_dir TOKENIZERS`` looks for them offline.
 
@@ -72,7 +72,7 @@ def paths(folder, seed: int = 0) -> dict:
 def ensure(folder=None, seed: int = 0, log=print) -> dict:
     """The paths of the checkpoint, its yaml, the text folder and kohya's tokenizer folder; built if missing.
     The .safetensors is written under a temporary name and renamed, so a present file is always complete."""
-    from tests.fixtures.tokenizer import write_clip_text_folder, write_clip_tokenizer
+    from lib_tune.tiny.tokenizer import write_clip_text_folder, write_clip_tokenizer
 
     p = paths(folder or default_folder(), seed)
     p["ckpt"].parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def ensure(folder=None, seed: int = 0, log=print) -> dict:
 def _write(p: dict, seed: int) -> None:
     from safetensors.torch import save_file
 
-    from tests.fixtures import tiny_models
+    from lib_tune.tiny import models as tiny_models
 
     model = tiny_models.randomize_(tiny_models.instantiate(sd15_config(p["text"])), seed)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib_tune.tiny import models as tiny_models  # noqa: E402
 from tests.e2e import host as webui_host  # noqa: E402
-from tests.fixtures import tiny_models  # noqa: E402
 
 
 def one_start(work: Path, ckpt: Path, extension: bool):

@@ -123,7 +123,7 @@ def worker(ckpt: Path, yaml: Path, targets: str, steps: int, profile: str = "") 
 
     import ldm.modules.attention as ldm_attention
     from bench.sd15_checkpoint import load_into
-    from tests.fixtures.tiny_models import instantiate
+    from lib_tune.tiny.models import instantiate
 
     rss_start = _rss_now()
     t0 = time.monotonic()

@@ -1,12 +1,15 @@
 """`python -m lib_tune demo`: the whole training path on a tiny model, with no webui and no download.
 
-Builds the tiny random SD1 model the tests use (tests/fixtures/tiny_models.py: the real ldm classes, shrunken),
+Builds the tiny random SD1 model the tests use too (lib_tune/tiny/models.py: the real ldm classes, shrunken),
 draws a small synthetic dataset (a yellow square on purple, at six positions, captioned), trains a LoRA on it on
 the CPU, and writes: the adapter (`tunedemo.safetensors`, loadable by the webui's built-in Lora on the tiny
 checkpoint), a before/after image (same prompt and seed, adapter off / on, sampled with a 20-step DDIM), and the
 loss curve. The tiny model is random, so its images are coloured noise; what the demo shows is that the adapter
-changes them and that the loss falls. Tiny models need about ten times a real model's learning rate
-(docs webui-host.md), hence 5e-3 here.
+changes them and that the loss falls. Tiny models need about ten times a real model's learning rate, hence 5e-3
+here.
+
+It needs torch and Stability's ldm package: in a checkout, run it with `.venv/bin/python` (dev/install.sh builds
+that environment; README, "Try it without a webui").
 """
 from __future__ import annotations
 
@@ -15,19 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from .tiny.models import build_model
+
 TRIGGER = "tunedemo"
 CAPTION = "a yellow square on purple"
-
-
-def _tiny_models():
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    try:
-        from tests.fixtures import tiny_models
-    except ImportError as e:
-        raise SystemExit(f"the demo needs the test fixtures of a source checkout (tests/fixtures): {e}")
-    return tiny_models
 
 
 def make_dataset(folder: Path, n: int = 6, size: int = 64) -> Path:
@@ -81,7 +75,7 @@ def _run(out: Path, steps: int, seed: int, log, t_start: float) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     log("building the tiny SD1 model ...")
-    sd_model = _tiny_models().build_model("sd1", out / "tiny-model", seed=seed)
+    sd_model = build_model("sd1", out / "tiny-model", seed=seed)
     model = DiffusionModel(sd_model)
     data_dir = make_dataset(out / "dataset")
     cfg = TrainConfig.from_dict(dict(

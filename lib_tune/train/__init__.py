@@ -1,2 +1,3 @@
-"""Training: dataset discovery, caption augmentation, bucketing, validation, latent cache, output metadata,
-and (elsewhere in this package) the training loop. Imports without the webui."""
+"""Training: dataset discovery and the dataset check, caption augmentation, bucketing, latent and text caches, the
+interface to the diffusion model, the training loop with held-out validation, training states and the trained
+file's metadata. Imports without the webui."""

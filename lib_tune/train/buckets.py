@@ -190,7 +190,7 @@ class BucketPlan:
 
 def plan_buckets(sizes: Sequence[Size], repeats: Sequence[int], cfg: BucketConfig) -> BucketPlan:
     """Assign every entry (image size, repeats). Raises ValueError naming the first size that fits no bucket;
-    run the validator first to get all such problems at once."""
+    run the dataset check first to get all such problems at once."""
     if len(sizes) != len(repeats):
         raise ValueError("sizes and repeats differ in length")
     resos = None if cfg.no_upscale and cfg.enabled else make_bucket_resolutions(cfg)

@@ -1,10 +1,13 @@
 """The training job: one flat dataclass, the same JSON the HTTP API (`POST /tune/v1/train`) takes.
 
 Only `dataset`, `method`, `steps`, `output_name` and `trigger` are required; everything else comes from a task
-preset (`preset`, defaulting from the method) and then from the field defaults. Validation raises ConfigError
-naming the first bad field, which the API turns into a 422 with that field.
+preset (`preset`, defaulting from the method) and then from the field defaults. `validate()` raises ConfigError
+naming the first bad field (config_checks.py), which the API turns into a 422 with that field.
 
-Preset values are the community's starting points collected in docs/training-anchors.md §2 (SD1.5 at 512):
+Preset values are the community's starting points for SD1.5 at 512, from: HOLO (hollowstrawberry/kohya-colab,
+popular LoRA notebooks), CIV (Civitai's on-site trainer defaults), KSS (bmaltais/kohya_ss presets; EDG its "sd15
+EDG LoRA" preset), SDS (kohya sd-scripts' docs), DIF (diffusers' examples), DBX (the webui's Dreambooth
+extension), OneTrainer and LyCORIS:
 - character / object: LoRA dim 16 / alpha 8 (alpha = dim/2: HOLO, CIV), attention + MLP layers (LyCORIS
   attn-mlp, OneTrainer); character unet 5e-4 / te 1e-4 (HOLO SD1.5, CIV anime), object unet 1e-4 / te 5e-5
   (DIF DreamBooth-LoRA, DBX, KSS EDG); text encoder trained;
@@ -16,17 +19,18 @@ Preset values are the community's starting points collected in docs/training-anc
   presets; not for ti, like the webui), batch 1, gradient clipping at 1.0 (kohya's default).
 Never kohya's raw LR default (2e-6, meant for full fine-tuning).
 
-Validation is off unless validation_count or validation_split holds images out (see the fields' comments and
+Held-out validation is off unless validation_count or validation_split holds images out (see the fields' comments and
 validation.py); validation_every and early_stopping_patience without a held-out set are errors, not no-ops.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional
 
+from .config_checks import (ConfigError, check_bool, check_choice, check_file_name, check_float, check_int,
+                            check_path, check_str, show)
 from .methods import CONV_METHODS, EMBEDDING_METHODS, METHODS, PRESETS
 from .optim import OPTIMIZERS, SCHEDULERS
 
@@ -57,23 +61,8 @@ _DEFAULT_PRESET = {"ti": "ti", "pivotal": "pivotal"}
 PATH_FIELDS = ("dataset", "output_dir", "state_dir", "class_dir", "latent_cache_dir")
 #: free text (prompts, captions, the trigger word): anything but NUL bytes
 TEXT_FIELDS = ("trigger", "class_prompt", "default_caption", "init_text")
-#: device names Windows reserves in every folder, with or without an extension, in any case
-WINDOWS_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)]
-                             + [f"LPT{i}" for i in range(1, 10)])
-#: longest output_name in UTF-8 bytes: suffixes (-best, -state, -000123, .safetensors) must still fit in the 255
-#: bytes of a file name
-MAX_NAME_BYTES = 200
 #: deepest nesting of a field's JSON value (stages: list > stage > targets list)
 MAX_DEPTH = 8
-
-
-class ConfigError(ValueError):
-    """A bad job config; `field` names the offending field (the API answers 422 with it)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass
@@ -186,7 +175,7 @@ class TrainConfig:
         names = {f.name: f for f in fields(cls)}
         for key in data:
             if key not in names:
-                raise ConfigError(key if isinstance(key, str) else _show(key), "unknown field")
+                raise ConfigError(key if isinstance(key, str) else show(key), "unknown field")
             if _depth(data[key]) > MAX_DEPTH:
                 raise ConfigError(key, f"is nested more than {MAX_DEPTH} levels deep")
         if data.get("stages") and isinstance(data["stages"], list) and data.get("steps") in (None, 0):
@@ -205,9 +194,9 @@ class TrainConfig:
             data.setdefault("prior", "class_images" if data.get("class_dir") or gen else "base_prediction")
             data.setdefault("preset", "object")
             method = "lora"
-        _check_choice("method", method, METHODS + ("dreambooth",))
+        check_choice("method", method, METHODS + ("dreambooth",))
         preset = data.get("preset") or _DEFAULT_PRESET.get(method, "character")
-        _check_choice("preset", preset, TASK_PRESETS)
+        check_choice("preset", preset, TASK_PRESETS)
         values: Dict[str, Any] = dict(PRESET_VALUES[preset])
         values["preset"] = preset
         for key, value in data.items():
@@ -240,13 +229,13 @@ class TrainConfig:
         return int(self.validation_every) or max(1, int(self.steps) // 10)
 
     def _validate_validation(self) -> None:
-        _check_float("validation_split", self.validation_split, 0.0, 0.5)
-        _check_int("validation_count", self.validation_count, 0, 100_000)
-        _check_int("validation_every", self.validation_every, 0, 10_000_000)
-        _check_int("validation_timesteps", self.validation_timesteps, 1, 1000)
-        _check_int("early_stopping_patience", self.early_stopping_patience, 0, 100_000)
-        _check_float("early_stopping_min_delta", self.early_stopping_min_delta, 0.0, 1e6)
-        _check_bool("keep_best", self.keep_best)
+        check_float("validation_split", self.validation_split, 0.0, 0.5)
+        check_int("validation_count", self.validation_count, 0, 100_000)
+        check_int("validation_every", self.validation_every, 0, 10_000_000)
+        check_int("validation_timesteps", self.validation_timesteps, 1, 1000)
+        check_int("early_stopping_patience", self.early_stopping_patience, 0, 100_000)
+        check_float("early_stopping_min_delta", self.early_stopping_min_delta, 0.0, 1e6)
+        check_bool("keep_best", self.keep_best)
         if not self.has_validation:
             for name in ("validation_every", "early_stopping_patience"):
                 if getattr(self, name):
@@ -261,19 +250,19 @@ class TrainConfig:
         return self.method in EMBEDDING_METHODS
 
     def validate(self) -> None:
-        _check_str("dataset", self.dataset, required=True)
-        _check_choice("method", self.method, METHODS)
-        _check_int("steps", self.steps, 1, 10_000_000)
-        _check_str("output_name", self.output_name, required=True)
-        _check_file_name("output_name", self.output_name)
-        _check_str("trigger", self.trigger, required=True)
+        check_str("dataset", self.dataset, required=True)
+        check_choice("method", self.method, METHODS)
+        check_int("steps", self.steps, 1, 10_000_000)
+        check_str("output_name", self.output_name, required=True)
+        check_file_name("output_name", self.output_name)
+        check_str("trigger", self.trigger, required=True)
         for name in TEXT_FIELDS:
-            _check_str(name, getattr(self, name))
+            check_str(name, getattr(self, name))
             if "\0" in getattr(self, name):
                 raise ConfigError(name, "must not contain NUL bytes")
         for name in PATH_FIELDS:
             if getattr(self, name) is not None:
-                _check_path(name, getattr(self, name))
+                check_path(name, getattr(self, name))
         if self.trains_embedding and not re.fullmatch(r"[^\s.,/\\()\[\]<>:]+", self.trigger):
             raise ConfigError("trigger", "an embedding's trigger must be one word without spaces, dots, commas, "
                                          "slashes, brackets or colons")
@@ -281,9 +270,9 @@ class TrainConfig:
             raise ConfigError("output_name", "for textual inversion the file name is the prompt word: it must "
                                              "equal the trigger")
         if self.preset is not None:
-            _check_choice("preset", self.preset, TASK_PRESETS)
-        _check_choice("prior", self.prior, PRIORS)
-        _check_int("num_class_images", self.num_class_images, 0, 100_000)
+            check_choice("preset", self.preset, TASK_PRESETS)
+        check_choice("prior", self.prior, PRIORS)
+        check_int("num_class_images", self.num_class_images, 0, 100_000)
         if self.num_class_images and not (isinstance(self.class_prompt, str) and self.class_prompt.strip()):
             raise ConfigError("class_prompt", "is required to generate class images (num_class_images > 0)")
         if self.num_class_images and self.prior != "class_images":
@@ -295,8 +284,8 @@ class TrainConfig:
         if self.prior == "base_prediction" and not self.trains_network:
             raise ConfigError("prior", "the base-prediction prior needs a network (it compares with the adapter "
                                        "switched off)")
-        _check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
-        _check_choice("targets", self.targets, PRESETS)
+        check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        check_choice("targets", self.targets, PRESETS)
         if self.stages is not None:
             from .stages import check_stages, total_steps
             check_stages(self.stages, self.method)
@@ -306,71 +295,71 @@ class TrainConfig:
             if self.steps != total_steps(self.stages):
                 raise ConfigError("steps", f"must equal the sum of the stages' steps ({total_steps(self.stages)}) "
                                            f"or be left out, not {self.steps}")
-        _check_int("network_dim", self.network_dim, 1, 1024)
-        _check_float("network_alpha", self.network_alpha, 0.0, 1e6, open_low=True)
+        check_int("network_dim", self.network_dim, 1, 1024)
+        check_float("network_alpha", self.network_alpha, 0.0, 1e6, open_low=True)
         if self.conv_dim is not None:
-            _check_int("conv_dim", self.conv_dim, 1, 1024)
+            check_int("conv_dim", self.conv_dim, 1, 1024)
             if self.method not in CONV_METHODS:
                 raise ConfigError("conv_dim", f"method {self.method} does not train convolutions; use locon, "
                                               f"loha, lokr or dora")
         if self.conv_alpha is not None:
-            _check_float("conv_alpha", self.conv_alpha, 0.0, 1e6, open_low=True)
-        _check_int("lokr_factor", self.lokr_factor, -1, 1 << 20)
+            check_float("conv_alpha", self.conv_alpha, 0.0, 1e6, open_low=True)
+        check_int("lokr_factor", self.lokr_factor, -1, 1 << 20)
         if self.lokr_factor == 0:
             raise ConfigError("lokr_factor", "must be -1 (balanced) or a positive factor")
-        _check_bool("train_text_encoder", self.train_text_encoder)
+        check_bool("train_text_encoder", self.train_text_encoder)
         if self.train_text_encoder and self.method == "ti":
             raise ConfigError("train_text_encoder", "textual inversion trains vectors, not the text encoder")
-        _check_int("num_vectors", self.num_vectors, 1, 75)
-        _check_str("init_text", self.init_text)
+        check_int("num_vectors", self.num_vectors, 1, 75)
+        check_str("init_text", self.init_text)
         for name in ("unet_lr", "te_lr", "emb_lr"):
-            _check_float(name, getattr(self, name), 0.0, 10.0)
+            check_float(name, getattr(self, name), 0.0, 10.0)
         if self.trains_network and not self.unet_lr and not (self.train_text_encoder and self.te_lr):
             raise ConfigError("unet_lr", "nothing would train: unet_lr is 0 and the text encoder is not trained")
         if self.train_text_encoder and not self.te_lr:
             raise ConfigError("te_lr", "must be > 0 when the text encoder is trained")
         if self.trains_embedding and not self.emb_lr:
             raise ConfigError("emb_lr", "must be > 0 for textual inversion / pivotal tuning")
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_float("weight_decay", self.weight_decay, 0.0, 10.0)
-        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_float("weight_decay", self.weight_decay, 0.0, 10.0)
+        check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         if self.warmup_steps is not None:
-            _check_int("warmup_steps", self.warmup_steps, 0, self.steps)
-        _check_int("lr_cycles", self.lr_cycles, 1, 1000)
-        _check_int("batch_size", self.batch_size, 1, 4096)
-        _check_int("gradient_accumulation", self.gradient_accumulation, 1, 4096)
-        _check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
-        _check_bool("gradient_checkpointing", self.gradient_checkpointing)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check_int("seed", self.seed, 0, 2 ** 63 - 1)
+            check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        check_int("lr_cycles", self.lr_cycles, 1, 1000)
+        check_int("batch_size", self.batch_size, 1, 4096)
+        check_int("gradient_accumulation", self.gradient_accumulation, 1, 4096)
+        check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_int("seed", self.seed, 0, 2 ** 63 - 1)
         if self.min_snr_gamma is not None:
-            _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0, open_low=True)
-        _check_float("noise_offset", self.noise_offset, 0.0, 1.0)
+            check_float("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0, open_low=True)
+        check_float("noise_offset", self.noise_offset, 0.0, 1.0)
         if self.resolution is not None:
-            _check_int("resolution", self.resolution, 64, 4096)
+            check_int("resolution", self.resolution, 64, 4096)
             if self.resolution % 8:
                 raise ConfigError("resolution", "must be a multiple of 8")
         for name in ("enable_bucket", "bucket_no_upscale", "flip_aug", "random_crop", "shuffle_caption",
                      "save_state", "save_on_stop", "cache_text_outputs"):
-            _check_bool(name, getattr(self, name))
-        _check_int("bucket_step", self.bucket_step, 8, 512)
+            check_bool(name, getattr(self, name))
+        check_int("bucket_step", self.bucket_step, 8, 512)
         if self.bucket_step % 8:
             raise ConfigError("bucket_step", "must be a multiple of 8")
-        _check_int("min_bucket", self.min_bucket, 64, 8192)
-        _check_int("max_bucket", self.max_bucket, self.min_bucket, 8192)
-        _check_int("keep_tokens", self.keep_tokens, 0, 75)
-        _check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
-        _check_float("tag_dropout", self.tag_dropout, 0.0, 1.0)
-        _check_int("save_every", self.save_every, 0, 10_000_000)
-        _check_int("keep_last", self.keep_last, 1, 10_000)
-        _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
-        _check_int("sample_every", self.sample_every, 0, 10_000_000)
-        _check_choice("on_bad_image", self.on_bad_image, ("skip", "fail"))
+        check_int("min_bucket", self.min_bucket, 64, 8192)
+        check_int("max_bucket", self.max_bucket, self.min_bucket, 8192)
+        check_int("keep_tokens", self.keep_tokens, 0, 75)
+        check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
+        check_float("tag_dropout", self.tag_dropout, 0.0, 1.0)
+        check_int("save_every", self.save_every, 0, 10_000_000)
+        check_int("keep_last", self.keep_last, 1, 10_000)
+        check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        check_int("sample_every", self.sample_every, 0, 10_000_000)
+        check_choice("on_bad_image", self.on_bad_image, ("skip", "fail"))
         self._validate_validation()
 
 
-# ---- checks ---------------------------------------------------------------------------------------------------
+# ---- reading JSON ---------------------------------------------------------------------------------------------
 def _coerce(f: dataclasses.Field, key: str, value: Any) -> Any:
     """JSON numbers for float fields may arrive as ints; everything else must already have its type."""
     if value is None:
@@ -379,23 +368,8 @@ def _coerce(f: dataclasses.Field, key: str, value: Any) -> Any:
         try:
             return float(value)
         except OverflowError:
-            raise ConfigError(key, f"must be a number of sensible size, not {_show(value)}") from None
+            raise ConfigError(key, f"must be a number of sensible size, not {show(value)}") from None
     return value
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 6, 4
-
-
-def _show(value) -> str:
-    """A short repr for messages: nested and long values abbreviated, huge integers described (Python refuses to
-    print integers of more than 4300 digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
-    try:
-        return _REPR.repr(value)
-    except (ValueError, RecursionError):
-        return f"a {type(value).__name__}"
 
 
 def _depth(value) -> int:
@@ -411,81 +385,3 @@ def _depth(value) -> int:
         elif isinstance(v, (list, tuple)):
             todo.extend((x, d + 1) for x in v)
     return deepest
-
-
-def _check_file_name(name: str, value: str) -> None:
-    """A plain file name (the stem of the adapter file) that works on Linux, macOS and Windows."""
-    if "\0" in value:
-        raise ConfigError(name, "must not contain NUL bytes")
-    if "/" in value or "\\" in value:
-        raise ConfigError(name, "must be a file name, not a path (no / or \\)")
-    if value.strip() in (".", ".."):
-        raise ConfigError(name, f"{value.strip()!r} is not a file name")
-    if re.search(r"[:*?\"<>|\x00-\x1f\x7f]", value):
-        raise ConfigError(name, "must be a file name without reserved characters (: * ? \" < > | or control "
-                                "characters)")
-    if value.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
-        raise ConfigError(name, f"{value!r} is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, "
-                                f"LPT1-9, with any extension)")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise ConfigError(name, f"is too long for a file name (at most {MAX_NAME_BYTES} bytes)")
-
-
-def check_name(name: str, value, allow_folders: bool = False) -> None:
-    """An adapter or output name from a request: a file name (`allow_folders`: the name of an existing adapter,
-    sub-folders separated by '/', any characters a file system allows, but never absolute, never '..' or '.'
-    components, no NUL and no Windows device names); ConfigError naming the field otherwise."""
-    _check_str(name, value, required=True)
-    if not allow_folders:
-        _check_file_name(name, value)
-        return
-    if "\0" in value:
-        raise ConfigError(name, "must not contain NUL bytes")
-    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
-        raise ConfigError(name, "must be a name relative to the Lora folder, not an absolute path")
-    for part in value.split("/"):  # a file that exists may have any other character in its name
-        if part.strip() in ("", ".", ".."):
-            raise ConfigError(name, f"must not contain {part.strip() or 'empty'!r} path components")
-        if part.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
-            raise ConfigError(name, f"{part!r} is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, "
-                                    f"LPT1-9, with any extension)")
-
-
-def _check_path(name: str, value) -> None:
-    """A folder: absolute or relative, but no NUL bytes and no '..' components."""
-    _check_str(name, value)
-    if "\0" in value:
-        raise ConfigError(name, "must not contain NUL bytes")
-    if any(part.strip() == ".." for part in re.split(r"[\\/]", value)):
-        raise ConfigError(name, "must not contain '..' components; give the folder's own path")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(name, f"must be one of {', '.join(choices)}, not {_show(value)}")
-
-
-def _check_str(name: str, value, required: bool = False) -> None:
-    if not isinstance(value, str):
-        raise ConfigError(name, f"must be a string, not {type(value).__name__}")
-    if required and not value.strip():
-        raise ConfigError(name, "is required")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(name, f"must be true or false, not {_show(value)}")
-
-
-def _check_int(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, not {_show(value)}")
-    if not lo <= value <= hi:
-        raise ConfigError(name, f"must be between {lo} and {hi}, not {_show(value)}")
-
-
-def _check_float(name: str, value, lo: float, hi: float, open_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(name, f"must be a number, not {_show(value)}")
-    if value < lo or value > hi or (open_low and value == lo):
-        raise ConfigError(name, f"must be {'>' if open_low else '>='} {lo} and <= {hi}, not {_show(value)}")

@@ -18,7 +18,7 @@ number of training images like kohya does (see `balanced_reg_repeats`). The trig
 training captions: class captions must stay free of it or the prior loss would teach the identifier to the class.
 
 Nothing here opens the full image: sizes come from headers, hashes are computed on first use, and problems are
-recorded on the item (never raised) so `validate.py` can report all of them at once.
+recorded on the item (never raised) so `dataset_check.py` can report all of them at once.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class Dataset:
     def entries(self, exclude: Iterable[str] = ()) -> List[Tuple[ImageItem, int]]:
         """(item, repeats per epoch) for every image that trains: training images with their folder repeats,
         then class images with repeats balanced to the training count. `exclude`: paths to leave out (e.g. the
-        files the validator found unreadable)."""
+        files the dataset check found unreadable)."""
         excluded = set(exclude)
         train = [(it, it.repeats) for it in self.train_items if it.path not in excluded]
         reg = [it for it in self.reg_items if it.path not in excluded]
@@ -160,7 +160,7 @@ class Dataset:
 
 
 def discover(config: DatasetConfig) -> Dataset:
-    """Read the folder layout and captions. Missing folders give an empty dataset (the validator says why)."""
+    """Read the folder layout and captions. Missing folders give an empty dataset (the dataset check says why)."""
     ds = Dataset(config=config)
     names: Dict[str, int] = {}
     for root, is_reg in ((config.train_dir, False), (config.class_dir, True)):
@@ -252,7 +252,7 @@ def _make_item(root: str, path: str, subset: Subset, config: DatasetConfig, by_l
         return item
     try:
         item.size = read_image_size(path)
-    except Exception as e:  # header unreadable: the validator reports it
+    except Exception as e:  # header unreadable: the dataset check reports it
         item.size_error = f"{type(e).__name__}: {e}"
     return item
 

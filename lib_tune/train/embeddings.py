@@ -5,14 +5,14 @@ SDXL's first encoder, "clip_g" for SDXL's OpenCLIP-G, "clip_h" for SD2's OpenCLI
 Train tab: the token embeddings of an init text, spread over the n vectors (vector i = embedding of init token
 i * len // n), "*" when the init text is empty.
 
-How prompts reach the vectors is a TextEmbeddingHook:
-- inside the webui the glue registers the embedding in the webui's embedding database (the hijack then splices
-  the vectors wherever the word appears, with gradients, as its own TI training does) and `rewrite` is identity;
-- on a raw ldm/sgm model (tests, the demo) PlaceholderEmbeddingHook does it: `rewrite` replaces each whole-word
-  occurrence of the trigger by n copies of a placeholder word that the CLIP BPE vocabulary holds as one token,
-  and a forward hook on each encoder's token-embedding table replaces the rows of that token id by the vectors
-  (k-th occurrence in a row -> vector k mod n). The placeholder is chosen per batch among rare single-token
-  words whose id the batch's own captions do not contain, so a caption can never trigger it by accident.
+How captions reach the vectors is a TextEmbeddingHook, made by the Trainer's `text_hook_factory`. The one hook
+here is PlaceholderEmbeddingHook, the default, which serves the webui's loaded model (the webui glue passes no
+factory), raw ldm/sgm models (tests) and the demo alike: `rewrite` replaces each whole-word occurrence of the
+trigger by n copies of a placeholder word that the CLIP BPE vocabulary holds as one token, and a forward hook on
+each encoder's token-embedding table (the table itself, inside the webui's EmbeddingsWithFixes wrapper) replaces
+the rows of that token id by the vectors (k-th occurrence in a row -> vector k mod n). The placeholder is chosen
+per batch among rare single-token words whose id the batch's own captions do not contain, so a caption can never
+trigger it by accident.
 """
 from __future__ import annotations
 

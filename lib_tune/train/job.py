@@ -1,6 +1,6 @@
 """A training job as the API and the Tune tab see it: its config, state, progress, losses, samples and result.
 
-Pure (no webui): `JobRegistry` keeps jobs and serialises them; `validate_config` runs the dataset validator
+Pure (no webui): `JobRegistry` keeps jobs and serialises them; `dataset_report` runs the dataset check
 for a config without starting anything; `run_job` runs one job's Trainer with the driver's hooks (the webui glue
 adds its queue lock, progress bar and sample rendering through `JobHooks`).
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 from .buckets import BucketConfig
 from .config import ConfigError, TrainConfig
 from .dataset import DatasetConfig
-from .validate import ValidationConfig, validate_dataset
+from .dataset_check import DatasetCheckConfig, check_dataset
 
 STATES = ("queued", "running", "done", "failed", "interrupted")
 _ids = itertools.count(1)
@@ -105,8 +105,8 @@ class JobRegistry:
         return sorted(self.jobs.values(), key=lambda j: j.created)
 
 
-def validate_config(cfg: TrainConfig, resolution: int) -> Dict[str, Any]:
-    """The dataset validator's report for a config, as JSON (nothing is trained or encoded)."""
+def dataset_report(cfg: TrainConfig, resolution: int) -> Dict[str, Any]:
+    """The dataset check's report for a config, as JSON (nothing is trained or encoded)."""
     ds_cfg = DatasetConfig(train_dir=cfg.dataset,
                            class_dir=cfg.class_dir if cfg.prior == "class_images" else None,
                            default_caption=cfg.default_caption, class_caption=cfg.class_prompt,
@@ -114,10 +114,10 @@ def validate_config(cfg: TrainConfig, resolution: int) -> Dict[str, Any]:
     res = cfg.resolution or resolution
     buckets = BucketConfig(resolution=(res, res), min_size=cfg.min_bucket, max_size=cfg.max_bucket,
                            step=cfg.bucket_step, no_upscale=cfg.bucket_no_upscale, enabled=cfg.enable_bucket)
-    report = validate_dataset(ValidationConfig(dataset=ds_cfg, buckets=buckets, batch_size=cfg.batch_size,
-                                               max_train_steps=cfg.steps,
-                                               gradient_accumulation_steps=cfg.gradient_accumulation,
-                                               on_bad_image=getattr(cfg, "on_bad_image", "skip")))
+    report = check_dataset(DatasetCheckConfig(dataset=ds_cfg, buckets=buckets, batch_size=cfg.batch_size,
+                                              max_train_steps=cfg.steps,
+                                              gradient_accumulation_steps=cfg.gradient_accumulation,
+                                              on_bad_image=getattr(cfg, "on_bad_image", "skip")))
     out = report.to_dict()
     out["bucket_histogram"] = {(f"{k[0]}x{k[1]}" if isinstance(k, tuple) else str(k)): v
                                for k, v in out["bucket_histogram"].items()}

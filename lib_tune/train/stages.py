@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..inject.targets import Targets
+from .config_checks import ConfigError, check_float, check_int, check_str
 from .methods import PRESETS, Target, select_targets, _ATTN, _HF_TE, _OC_TE
 
 SELECTORS = ("mid_proj", "cross_attn", "unet_attn", "te", "te_last2")
@@ -50,11 +51,6 @@ STAGE_KEYS = ("targets", "steps", "network_dim", "network_alpha", "unet_lr", "te
 
 _MID_PROJ = re.compile(r"^diffusion_model_middle_block_\d+_proj_(in|out)$")
 _CROSS = re.compile(r"_transformer_blocks_\d+_attn2_(to_q|to_k|to_v|to_out_0)$")
-
-
-def _config_error(field_name: str, message: str):
-    from .config import ConfigError  # config imports this module
-    return ConfigError(field_name, message)
 
 
 @dataclass
@@ -87,43 +83,42 @@ class Stage:
 # ---- config -------------------------------------------------------------------------------------------------
 def check_stages(stages: Any, method: str) -> None:
     """Validate a config's `stages` value (without the model); raises ConfigError naming `stages[i].field`."""
-    from .config import _check_float, _check_int, _check_str
     if stages is None:
         return
     if method == "ti":
-        raise _config_error("stages", "textual inversion trains vectors only; stages need a network method")
+        raise ConfigError("stages", "textual inversion trains vectors only; stages need a network method")
     if not isinstance(stages, list) or not stages:
-        raise _config_error("stages", "must be a non-empty list of stages (or null)")
+        raise ConfigError("stages", "must be a non-empty list of stages (or null)")
     for i, st in enumerate(stages):
         at = f"stages[{i}]"
         if not isinstance(st, dict):
-            raise _config_error(at, "must be an object with targets and steps")
+            raise ConfigError(at, "must be an object with targets and steps")
         for key in st:
             if key not in STAGE_KEYS:
-                raise _config_error(f"{at}.{key}", f"unknown stage field (known: {', '.join(STAGE_KEYS)})")
+                raise ConfigError(f"{at}.{key}", f"unknown stage field (known: {', '.join(STAGE_KEYS)})")
         for key in ("targets", "steps"):
             if key not in st or st[key] is None:
-                raise _config_error(f"{at}.{key}", "is required")
+                raise ConfigError(f"{at}.{key}", "is required")
         t = st["targets"]
         if isinstance(t, str):
             if t not in PRESETS + SELECTORS:
-                raise _config_error(f"{at}.targets", f"must be one of {', '.join(PRESETS + SELECTORS)} or a list "
-                                                     f"of glob patterns, not {t!r}")
+                raise ConfigError(f"{at}.targets", f"must be one of {', '.join(PRESETS + SELECTORS)} or a list "
+                                                   f"of glob patterns, not {t!r}")
         elif isinstance(t, list):
             if not t or not all(isinstance(p, str) and p.strip() for p in t):
-                raise _config_error(f"{at}.targets", "a list of targets must hold non-empty glob patterns")
+                raise ConfigError(f"{at}.targets", "a list of targets must hold non-empty glob patterns")
         else:
-            raise _config_error(f"{at}.targets", f"must be a name or a list of glob patterns, not {t!r}")
-        _check_int(f"{at}.steps", st["steps"], 1, 10_000_000)
+            raise ConfigError(f"{at}.targets", f"must be a name or a list of glob patterns, not {t!r}")
+        check_int(f"{at}.steps", st["steps"], 1, 10_000_000)
         if st.get("network_dim") is not None:
-            _check_int(f"{at}.network_dim", st["network_dim"], 1, 1024)
+            check_int(f"{at}.network_dim", st["network_dim"], 1, 1024)
         if st.get("network_alpha") is not None:
-            _check_float(f"{at}.network_alpha", st["network_alpha"], 0.0, 1e6, open_low=True)
+            check_float(f"{at}.network_alpha", st["network_alpha"], 0.0, 1e6, open_low=True)
         for key in ("unet_lr", "te_lr"):
             if st.get(key) is not None:
-                _check_float(f"{at}.{key}", st[key], 0.0, 10.0)
+                check_float(f"{at}.{key}", st[key], 0.0, 10.0)
         if st.get("name") is not None:
-            _check_str(f"{at}.name", st["name"], required=True)
+            check_str(f"{at}.name", st["name"], required=True)
 
 
 def total_steps(stages: Sequence[Dict[str, Any]]) -> int:
@@ -245,24 +240,24 @@ def resolve_plan(targets: Targets, plan: List[Stage], conv: bool,
         picked = select(targets, universe, s.targets, conv, unused)
         if not picked:
             what = s.targets if isinstance(s.targets, str) else ", ".join(s.targets)
-            raise _config_error(f"stages[{s.index}].targets",
-                                f"stage {s.index + 1} '{s.name}': {what} matches no layer of this model that "
-                                f"method can train (kohya names such as {universe[0].key if universe else '-'})")
+            raise ConfigError(f"stages[{s.index}].targets",
+                              f"stage {s.index + 1} '{s.name}': {what} matches no layer of this model that "
+                              f"method can train (kohya names such as {universe[0].key if universe else '-'})")
         new = [t for t in picked if t.key not in owner]
         if not new:
-            raise _config_error(f"stages[{s.index}].targets",
-                                f"stage {s.index + 1} '{s.name}': every layer it selects belongs to an earlier "
-                                f"stage (a layer trains in the first stage that selects it)")
+            raise ConfigError(f"stages[{s.index}].targets",
+                              f"stage {s.index + 1} '{s.name}': every layer it selects belongs to an earlier "
+                              f"stage (a layer trains in the first stage that selects it)")
         for t in new:
             owner[t.key] = s.index
         s.keys = tuple(t.key for t in new)
         s.te_keys = frozenset(t.key for t in new if t.is_te)
         has_unet = len(s.te_keys) < len(s.keys)
         if s.te_keys and not s.te_lr:
-            raise _config_error(f"stages[{s.index}].te_lr", f"stage {s.index + 1} '{s.name}' selects text-encoder "
-                                                            f"layers: its te_lr must be > 0")
+            raise ConfigError(f"stages[{s.index}].te_lr", f"stage {s.index + 1} '{s.name}' selects text-encoder "
+                                                          f"layers: its te_lr must be > 0")
         if has_unet and not s.unet_lr:
-            raise _config_error(f"stages[{s.index}].unet_lr", f"stage {s.index + 1} '{s.name}' selects UNet "
-                                                              f"layers: its unet_lr must be > 0")
+            raise ConfigError(f"stages[{s.index}].unet_lr", f"stage {s.index + 1} '{s.name}' selects UNet "
+                                                            f"layers: its unet_lr must be > 0")
     return [(t, plan[owner[t.key]].network_dim, plan[owner[t.key]].network_alpha)
             for t in universe if t.key in owner]

@@ -1,4 +1,5 @@
-"""Saving adapters and resume states.
+"""Saving adapters and training states (a training state is what a resume needs: the adapter's tensors, the
+optimizer, the step, the RNG; "checkpoint" in this package means the SD model file the webui loads).
 
 Files (kohya's naming, so users find their way):
 - `<output_dir>/<name>.safetensors`: the final adapter (also written when a run is stopped);
@@ -8,7 +9,7 @@ Files (kohya's naming, so users find their way):
   .safetensors/.pt/.ckpt files in sub-folders too.
 
 Adapters are written atomically by formats.write.save_adapter (temporary file + rename), in the chosen dtype,
-with kohya's ss_* / sshs_* / modelspec metadata (metadata.py). A state folder is written into a temporary
+with kohya's ss_* / sshs_* / modelspec metadata (run_metadata.py). A state folder is written into a temporary
 sibling and renamed into place, so a crash mid-save leaves the previous states intact and never a half state;
 what a killed process leaves behind (temporary folders and files) is never read and is removed by the next prune
 (tests/unit/test_train_sigkill.py kills a training process mid-run and mid-write).
@@ -68,8 +69,8 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Checkpoints:
-    """Paths and rotation of one run's saved adapters and states."""
+class RunFiles:
+    """Paths and rotation of the files one run saves: its intermediate adapters and its training states."""
 
     def __init__(self, output_dir: str, output_name: str, state_dir: Optional[str] = None, keep_last: int = 3):
         self.output_dir = output_dir
@@ -167,6 +168,10 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
         return removed
+
+
+#: the old name, kept only for train/loop.py until its rewrite imports RunFiles; remove then
+Checkpoints = RunFiles
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""Validation loss on held-out images, and what the trainer does with it (best checkpoint, early stopping).
+"""Validation loss on held-out images, and what the trainer does with it (the best file, early stopping).
 
 The score: the mean plain denoising loss (MSE against the model's own target, eps or v; no min-SNR weighting,
 no noise offset) over every held-out image (data.TrainingData.validation_set: center-cropped, unaugmented, the

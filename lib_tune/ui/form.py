@@ -25,7 +25,7 @@ from ..train.optim import OPTIMIZERS, SCHEDULERS
 UI_METHODS = METHODS + ("dreambooth",)
 #: fields where the UI's 0 stands for the config's null
 ZERO_IS_NONE = ("resolution", "conv_dim", "min_snr_gamma")
-#: keys the job JSON carries next to TrainConfig's fields (jobs.start pops them)
+#: keys the job JSON carries next to TrainConfig's fields (job_runner.start pops them)
 JOB_EXTRAS = ("sample_prompts", "sample_steps", "overwrite", "resume")
 
 
@@ -226,8 +226,8 @@ def to_job(values: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def validation_body(job: Dict[str, Any]) -> Dict[str, Any]:
-    """The part of a job that POST /tune/v1/validate takes (TrainConfig's fields only)."""
+def dataset_check_body(job: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of a job that the dataset check (POST /tune/v1/validate) takes (TrainConfig's fields only)."""
     return {k: v for k, v in job.items() if k not in JOB_EXTRAS}
 
 

@@ -1,4 +1,4 @@
-"""HTML for the Tune tab's read-outs: a job's progress, its event log, the dataset validator's report and
+"""HTML for the Tune tab's read-outs: a job's progress, its event log, the dataset check's report and
 messages. Pure (no gradio, no webui) and escaped throughout: paths, captions and errors are user text.
 
 The progress box carries `data-state` and `data-poll`: javascript/tune.js reads the state to decide whether to
@@ -91,7 +91,7 @@ def message_html(text: str, ok: bool = True) -> str:
 
 
 def report_html(report: Dict[str, Any]) -> str:
-    """The validator's report: verdict, counts, derived steps, the bucket histogram and every problem with its
+    """The dataset check's report: verdict, counts, derived steps, the bucket histogram and every problem with its
     file."""
     ok = bool(report.get("ok"))
     problems = report.get("problems") or []

@@ -1,9 +1,9 @@
-"""The top-level "Tune" tab: a form that builds the same JSON job as `POST /tune/v1/train`, validation, start,
-live progress of the current job, and what to do with the result.
+"""The top-level "Tune" tab: a form that builds the same JSON job as `POST /tune/v1/train`, the dataset check,
+start, live progress of the current job, and what to do with the result.
 
 How live progress works in gradio 3.41: javascript/tune.js clicks the hidden `#tune_poll` button every 1.5 s
 while this tab is visible and the shown job is queued or running (and once whenever the tab is opened). The
-job lives server-side in jobs.registry, so a reload or another browser sees the same run. The poll answers
+job lives server-side in job_runner.registry, so a reload or another browser sees the same run. The poll answers
 only what changed since the browser's last poll (a gr.State holds what it was sent): the gallery and the plot
 are re-sent only when there are new samples / steps, so they do not flicker.
 
@@ -53,9 +53,9 @@ def _status_markdown() -> str:
     return text
 
 
-def _jobs():
-    from ..webui import jobs
-    return jobs
+def _job_runner():
+    from ..webui import job_runner
+    return job_runner
 
 
 def _component(f: form.Field, value: Any):
@@ -91,8 +91,8 @@ def _base_url() -> str:
 # ---- job read-outs -------------------------------------------------------------------------------------------
 def _current_job() -> Optional[Dict[str, Any]]:
     """The job the tab shows: the running one, else the latest."""
-    jobs = _jobs()
-    job = jobs.registry.running() or (jobs.registry.list() or [None])[-1]
+    runner = _job_runner()
+    job = runner.registry.running() or (runner.registry.list() or [None])[-1]
     return job.to_dict() if job is not None else None
 
 
@@ -110,7 +110,7 @@ def _gallery(job: Dict[str, Any]) -> List:
 
 
 def _plot(job: Dict[str, Any]):
-    path = os.path.join(_jobs().data_dir(), "plots", f"{job['id']}.png")
+    path = os.path.join(_job_runner().data_dir(), "plots", f"{job['id']}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     first = 1 + max(0, (job.get("step") or 0) - len(job.get("losses") or []))
     img = training_plot(job.get("losses") or [], job.get("lrs") or [], first_step=first,
@@ -155,22 +155,22 @@ def build() -> gr.Blocks:
         for k in keys:
             comps[k] = _component(form.BY_KEY[k], values0[k])
 
+    def section(title, keys, first):
+        """A titled group: the first `first` fields one under the other, the rest side by side."""
+        with gr.Group():
+            gr.Markdown(f"### {title}")
+            make(keys[:first])
+            with gr.Row():
+                make(keys[first:])
+
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row(elem_id="tune_status_row"):
             status = gr.Markdown(_status_markdown, elem_id="tune_status")
             refresh = gr.Button("Refresh", elem_id="tune_status_refresh", scale=0)
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Group():
-                    gr.Markdown("### Dataset")
-                    make(DATASET_KEYS[:3])
-                    with gr.Row():
-                        make(DATASET_KEYS[3:])
-                with gr.Group():
-                    gr.Markdown("### Method")
-                    make(TASK_KEYS[:2])
-                    with gr.Row():
-                        make(TASK_KEYS[2:])
+                section("Dataset", DATASET_KEYS, 3)
+                section("Method", TASK_KEYS, 2)
                 with gr.Accordion("Advanced", open=False, elem_id="tune_advanced"):
                     with gr.Row():
                         make(NETWORK_KEYS)
@@ -185,11 +185,7 @@ def build() -> gr.Blocks:
                         make(PRIOR_KEYS)
                     with gr.Row():
                         make(VALIDATION_KEYS)
-                with gr.Group():
-                    gr.Markdown("### Samples")
-                    make(SAMPLE_KEYS[:1])
-                    with gr.Row():
-                        make(SAMPLE_KEYS[1:])
+                section("Samples", SAMPLE_KEYS, 1)
                 with gr.Accordion("Copy as API request", open=False, elem_id="tune_api_accordion"):
                     api_build = gr.Button("Build from the form", elem_id="tune_api_build")
                     api_json = gr.Textbox(label="POST /tune/v1/train body", lines=12, elem_id="tune_api_json",
@@ -247,7 +243,7 @@ def build() -> gr.Blocks:
                 return (_config_error("Not valid", e), "", "", "")
             api = form.api_request(job, _base_url())
             try:
-                rep = _jobs().validate(form.validation_body(job))
+                rep = _job_runner().check_dataset(form.dataset_check_body(job))
             except ConfigError as e:
                 return (_config_error("Not valid", e), "") + api
             ok = rep.get("ok")
@@ -256,7 +252,7 @@ def build() -> gr.Blocks:
 
         def start(body, seen_state, verb="start", done="Started"):
             try:
-                _jobs().start(body)
+                _job_runner().start(body)
             except ConfigError as e:
                 return (_config_error(f"Cannot {verb}", e),) + _readout(_current_job(), seen_state)
             job = _current_job()
@@ -276,10 +272,10 @@ def build() -> gr.Blocks:
             return start(form.resume_body(job["config"]), seen_state, "resume", "Resumed")
 
         def on_interrupt(seen_state):
-            jobs = _jobs()
-            running = jobs.registry.running()
+            runner = _job_runner()
+            running = runner.registry.running()
             if running is not None:
-                jobs.interrupt(running.id)
+                runner.interrupt(running.id)
             return _readout(_current_job(), seen_state)
 
         def on_poll(seen_state):

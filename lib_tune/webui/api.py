@@ -76,45 +76,45 @@ def add_routes(app):
     from fastapi import Body
     from fastapi.responses import JSONResponse
 
-    from ..train.config import ConfigError, check_name
+    from ..train.config_checks import ConfigError, check_name
 
     def _422(e: ConfigError):
         return JSONResponse(status_code=422, content={"detail": {"field": e.field, "message": e.message}})
 
     @app.post("/tune/v1/train")
     def tune_train(body: dict = Body(...)):
-        from . import jobs
+        from . import job_runner
         try:
-            job = jobs.start(body)
+            job = job_runner.start(body)
         except ConfigError as e:
             return _422(e)
         return {"id": job.id}
 
     @app.post("/tune/v1/validate")
     def tune_validate(body: dict = Body(...)):
-        from . import jobs
+        from . import job_runner
         try:
-            return jobs.validate(body)
+            return job_runner.check_dataset(body)
         except ConfigError as e:
             return _422(e)
 
     @app.get("/tune/v1/jobs")
     def tune_jobs():
-        from . import jobs
-        return [j.to_dict(full=False) for j in jobs.registry.list()]
+        from . import job_runner
+        return [j.to_dict(full=False) for j in job_runner.registry.list()]
 
     @app.get("/tune/v1/jobs/{job_id}")
     def tune_job(job_id: str):
-        from . import jobs
-        job = jobs.registry.get(job_id)
+        from . import job_runner
+        job = job_runner.registry.get(job_id)
         if job is None:
             raise HTTPException(status_code=404, detail=f"job '{job_id}' not found")
         return job.to_dict()
 
     @app.post("/tune/v1/jobs/{job_id}/interrupt")
     def tune_interrupt(job_id: str):
-        from . import jobs
-        job = jobs.interrupt(job_id)
+        from . import job_runner
+        job = job_runner.interrupt(job_id)
         if job is None:
             raise HTTPException(status_code=404, detail=f"job '{job_id}' not found")
         return job.to_dict(full=False)

@@ -43,8 +43,8 @@ class CheckpointLocked(RuntimeError):
 
 
 def _training_job():
-    from . import jobs
-    return jobs.registry.running()
+    from . import job_runner
+    return job_runner.registry.running()
 
 
 def _refuse(action: str):
@@ -77,8 +77,8 @@ def _refuse(action: str):
 
 def _in_training_thread() -> bool:
     import threading
-    from . import jobs
-    return jobs._thread is not None and threading.current_thread() is jobs._thread
+    from . import job_runner
+    return job_runner._thread is not None and threading.current_thread() is job_runner._thread
 
 
 def install_checkpoint_guard():

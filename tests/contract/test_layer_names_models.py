@@ -17,10 +17,10 @@ from lib_tune.inject import find_targets
 from lib_tune.inject.mapping import place, weight_of
 from lib_tune.layer_names import (KOHYA_UNET, UNET, convert_key, diffusers_path, kohya_keys, layer_block, lbw_block,
                                   ldm_path)
+from lib_tune.tiny.tokenizer import write_clip_text_folder
 from tests.contract.conftest import _require_libraries
 from tests.contract.test_inject_builtin_names import builtin  # noqa: F401  (fixture: the webui's own functions)
 from tests.fixtures import adapters, tiny_models
-from tests.fixtures.tokenizer import write_clip_text_folder
 
 KINDS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 #: layers no kohya key reaches through the built-in's rules: a lone CLIP's / OpenCLIP's layers outside its encoder

@@ -5,8 +5,9 @@ import hashlib
 
 import pytest
 
+from lib_tune.tiny import sgm_source
+from lib_tune.tiny.tokenizer import write_clip_tokenizer
 from tests.fixtures import tiny_models
-from tests.fixtures.tokenizer import write_clip_tokenizer
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # openai/clip-vit-large-patch14 on "a photo of a cat"
 FIXTURES = {"sd1": "tiny_ldm_sd1", "sd2v": "tiny_ldm_sd2v", "sdxl": "tiny_sgm_sdxl"}
@@ -163,7 +164,7 @@ def test_sgm_path_is_a_folder_with_only_sgm(tmp_path, monkeypatch):
 def test_sgm_path_skips_cleanly_without_a_source(tmp_path, monkeypatch):
     monkeypatch.delenv("SD_WEBUI_PATH", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(tiny_models, "_shared_candidates", lambda: [tmp_path / "no-shared"])
+    monkeypatch.setattr(sgm_source, "_shared_candidates", lambda: [tmp_path / "no-shared"])
     assert tiny_models.find_sgm_path() is None
     with pytest.raises(pytest.skip.Exception, match="no sgm package"):
         tiny_models.sgm_path()

@@ -6,7 +6,7 @@ import torch
 
 from lib_tune.formats import load_adapter, save_adapter
 from lib_tune.inject import Injector, activate, map_adapter
-from lib_tune.train.metadata import base_model_version
+from lib_tune.train.kohya_metadata import base_model_version
 from lib_tune.train.embeddings import PlaceholderEmbeddingHook, TrainableEmbedding, init_embedding
 from lib_tune.train.methods import MethodSpec, create_adapter
 from lib_tune.train.model import DiffusionModel

@@ -17,8 +17,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lib_tune.train.config import (PATH_FIELDS, TEXT_FIELDS, WINDOWS_RESERVED, ConfigError,  # noqa: E402
-                                   TrainConfig)
+from lib_tune.train.config import PATH_FIELDS, TEXT_FIELDS, ConfigError, TrainConfig  # noqa: E402
+from lib_tune.train.config_checks import WINDOWS_RESERVED  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 FIELDS = tuple(f for f in TrainConfig.__dataclass_fields__)

@@ -22,7 +22,7 @@ from lib_tune.train.config import TrainConfig
 from lib_tune.train.data import prepare_data
 from lib_tune.train.loop import Trainer, TrainerCallbacks
 from lib_tune.train.model import DiffusionModel
-from lib_tune.train.state import STATE_FILE, Checkpoints, load_state
+from lib_tune.train.state import STATE_FILE, RunFiles, load_state
 from tests.unit.train_fakes import FakeLDM, write_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,9 +139,9 @@ def uninterrupted(tmp_path_factory):
     return result
 
 
-def resume_and_check(root: Path, killed_at: int, full) -> Checkpoints:
+def resume_and_check(root: Path, killed_at: int, full) -> RunFiles:
     cfg = config(root, "killed")
-    ck = Checkpoints(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
+    ck = RunFiles(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
     latest = ck.latest_state()
     assert latest is not None
     t = trainer(cfg)
@@ -173,7 +173,7 @@ def resume_and_check(root: Path, killed_at: int, full) -> Checkpoints:
 
 def test_sigkill_mid_run_loses_at_most_one_interval(tmp_path, uninterrupted):
     cfg = config(tmp_path, "killed")
-    ck = Checkpoints(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
+    ck = RunFiles(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
     rc, killed_at, out = run_child("poll", tmp_path, poll_for=os.path.join(ck.state_path(2 * SAVE_EVERY),
                                                                            STATE_FILE))
     assert rc == -signal.SIGKILL, out
@@ -184,7 +184,7 @@ def test_sigkill_mid_run_loses_at_most_one_interval(tmp_path, uninterrupted):
 
 def test_sigkill_while_writing_a_state(tmp_path, uninterrupted):
     cfg = config(tmp_path, "killed")
-    ck = Checkpoints(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
+    ck = RunFiles(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
     rc, killed_at, out = run_child("state", tmp_path)
     assert rc == -signal.SIGKILL and killed_at == 3 * SAVE_EVERY, (rc, killed_at, out)
     # the half state lies in a temporary folder: unreadable, and never taken for a state
@@ -200,7 +200,7 @@ def test_sigkill_while_writing_a_state(tmp_path, uninterrupted):
 
 def test_sigkill_while_writing_an_adapter(tmp_path, uninterrupted):
     cfg = config(tmp_path, "killed")
-    ck = Checkpoints(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
+    ck = RunFiles(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last)
     rc, killed_at, out = run_child("adapter", tmp_path)
     assert rc == -signal.SIGKILL and killed_at == 3 * SAVE_EVERY, (rc, killed_at, out)
     half = [n for n in os.listdir(cfg.output_dir) if n.endswith(".tmp")]
@@ -216,9 +216,9 @@ if __name__ == "__main__":
 
 
 def test_leftovers_of_dead_writers_include_the_best_file_and_spare_live_ones(tmp_path):
-    from lib_tune.train.state import Checkpoints
+    from lib_tune.train.state import RunFiles
 
-    ck = Checkpoints(str(tmp_path), "fake")
+    ck = RunFiles(str(tmp_path), "fake")
     dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
     names = [f".fake-best.safetensors.{dead}.0a1b2c3d.tmp", f".fake-step000004.safetensors.{dead}.0a1b2c3d.tmp",
              f".fake.safetensors.{dead}.0a1b2c3d.tmp", f".fake-best.safetensors.{os.getpid()}.0a1b2c3d.tmp",

@@ -322,15 +322,15 @@ def test_validation_interval_defaults_to_a_tenth_of_the_steps(tmp_path):
 
 
 def test_dataset_report_names_the_held_out_images(tmp_path):
-    from lib_tune.train.job import validate_config
+    from lib_tune.train.job import dataset_report
 
     cfg = config(tmp_path)
-    rep = validate_config(cfg, 64)
+    rep = dataset_report(cfg, 64)
     data = prepare_data(cfg, DiffusionModel(FakeLDM(seed=0)))
     assert rep["ok"] and rep["held_out"] == [it.path for it in data.val_items]
-    assert "held_out" not in validate_config(config(tmp_path, validation_count=0, validation_every=0), 64)
+    assert "held_out" not in dataset_report(config(tmp_path, validation_count=0, validation_every=0), 64)
     with pytest.raises(ConfigError) as e:
-        validate_config(config(tmp_path, validation_count=6), 64)
+        dataset_report(config(tmp_path, validation_count=6), 64)
     assert e.value.field == "validation_count"
 
 

@@ -17,7 +17,7 @@ def filled(**over):
 
 
 def config_of(job):
-    return TrainConfig.from_dict(form.validation_body(job))
+    return TrainConfig.from_dict(form.dataset_check_body(job))
 
 
 def test_every_field_is_a_config_field_or_a_job_extra():
@@ -61,7 +61,7 @@ def test_sample_prompts_are_lines_and_extras_only_when_set():
                              overwrite=True))
     assert job["sample_prompts"] == ["ohwx, a photo", "ohwx at the beach"]
     assert job["sample_every"] == 10 and job["sample_steps"] == 20 and job["overwrite"] is True
-    assert set(job) - set(form.validation_body(job)) == {"sample_prompts", "sample_steps", "overwrite"}
+    assert set(job) - set(form.dataset_check_body(job)) == {"sample_prompts", "sample_steps", "overwrite"}
 
 
 def test_empty_optional_text_is_left_out_and_required_text_is_kept_for_the_config_to_judge():

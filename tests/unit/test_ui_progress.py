@@ -1,5 +1,5 @@
 """The Tune tab's read-outs: the progress box tells the poller the state, shows step/total, loss, ETA and
-errors; the validator report shows verdict, derived steps, buckets and per-file problems; all user text is
+errors; the dataset check's report shows verdict, derived steps, buckets and per-file problems; all user text is
 escaped."""
 import re
 

@@ -1,4 +1,4 @@
-"""Dataset validator: everything that can be known about a dataset before training, without training.
+"""The dataset check: everything that can be known about a dataset before training, without training.
 
 Run before Start (and on demand from the UI): it opens every image fully (truncated files only fail when decoded),
 reads every caption, hashes every file, assigns buckets and derives the step count, then reports per-file
@@ -31,7 +31,7 @@ BAD_IMAGE_CODES = ("corrupt_image", "truncated_image", "image_too_large", "too_s
 
 
 @dataclass
-class ValidationConfig:
+class DatasetCheckConfig:
     dataset: DatasetConfig
     buckets: BucketConfig = field(default_factory=BucketConfig)
     batch_size: int = 1
@@ -171,7 +171,7 @@ def check_at_bucket(path: str, size, assignment) -> Optional[Problem]:
     return None
 
 
-def validate_dataset(config: ValidationConfig) -> Report:
+def check_dataset(config: DatasetCheckConfig) -> Report:
     report = Report()
     dcfg, bcfg = config.dataset, config.buckets
     P = report.problems

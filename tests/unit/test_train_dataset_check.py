@@ -1,4 +1,4 @@
-"""Validator: every report item on a dataset built to contain each problem, plus a clean dataset."""
+"""The dataset check: every report item on a dataset built to contain each problem, plus a clean dataset."""
 import io
 import json
 import os
@@ -9,7 +9,7 @@ from PIL import Image, ImageFile
 
 from lib_tune.train.buckets import BucketConfig
 from lib_tune.train.dataset import DatasetConfig
-from lib_tune.train.validate import ValidationConfig, check_image, validate_dataset
+from lib_tune.train.dataset_check import DatasetCheckConfig, check_image, check_dataset
 
 
 def noise_image(size, seed):
@@ -79,12 +79,12 @@ def names(problems):
 
 def test_bad_dataset_reports_everything(bad_dataset):
     r, c = bad_dataset
-    cfg = ValidationConfig(
+    cfg = DatasetCheckConfig(
         dataset=DatasetConfig(train_dir=str(r), class_dir=str(c), trigger_word="sks", prepend_trigger=False,
                               class_caption="photo of a thing"),
         buckets=BucketConfig((256, 256), min_size=128, max_size=512, step=64),
         batch_size=2, epochs=3, on_bad_image="fail")
-    rep = validate_dataset(cfg)
+    rep = check_dataset(cfg)
     assert not rep.ok
     corrupt = problems_for(rep, "corrupt_image") + problems_for(rep, "truncated_image")
     assert names(corrupt) == ["fake.png", "trunc.jpg"] and all(p.severity == "error" for p in corrupt)
@@ -124,11 +124,11 @@ def test_bad_images_are_skipped_by_default(bad_dataset):
     """The default on_bad_image="skip": the run can start without the unusable images, each one named with its
     reason as a warning; the counts are those of the strict run minus nothing (bad images never counted)."""
     r, c = bad_dataset
-    cfg = ValidationConfig(
+    cfg = DatasetCheckConfig(
         dataset=DatasetConfig(train_dir=str(r), class_dir=str(c), trigger_word="sks", prepend_trigger=False,
                               class_caption="photo of a thing"),
         buckets=BucketConfig((256, 256), min_size=128, max_size=512, step=64), batch_size=2, epochs=3)
-    rep = validate_dataset(cfg)
+    rep = check_dataset(cfg)
     assert rep.ok, rep.to_text()
     bad = problems_for(rep, "corrupt_image") + problems_for(rep, "truncated_image")
     assert names(bad) == ["fake.png", "trunc.jpg"]
@@ -145,7 +145,7 @@ def test_only_bad_images_is_refused_clearly(tmp_path):
     r.mkdir()
     truncated_jpeg(str(r / "a.jpg"))
     (r / "b.png").write_bytes(b"")
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x")))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x")))
     assert not rep.ok
     no = problems_for(rep, "no_images")
     assert len(no) == 1 and no[0].severity == "error" and "2 found, none usable" in no[0].message
@@ -155,14 +155,14 @@ def test_only_bad_images_is_refused_clearly(tmp_path):
 def test_unknown_bad_image_policy_is_an_error(tmp_path):
     r = tmp_path / "d"
     save(str(r / "a.png"), Image.new("RGB", (256, 256)))
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r)), on_bad_image="ignore"))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r)), on_bad_image="ignore"))
     assert not rep.ok and problems_for(rep, "bad_option")
 
 
 def test_prepended_trigger_is_info(bad_dataset):
     r, _ = bad_dataset
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), trigger_word="sks"),
-                                            buckets=BucketConfig((256, 256), 128, 512)))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r), trigger_word="sks"),
+                                           buckets=BucketConfig((256, 256), 128, 512)))
     assert not problems_for(rep, "trigger_missing")
     nocap = problems_for(rep, "missing_caption")
     assert names(nocap) == ["nocap.png"] and 'trains with just "sks"' in nocap[0].message
@@ -178,15 +178,15 @@ def test_histogram_and_steps_exact(tmp_path):
     for n in ("a", "b"):
         txt(str(r / f"{n}.txt"), f"tok, {n}")
     txt(str(r / "3_x" / "c.txt"), "tok, c")
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), trigger_word="tok"),
-                                            batch_size=2, epochs=4))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r), trigger_word="tok"),
+                                           batch_size=2, epochs=4))
     assert rep.ok, rep.to_text()
     assert [p.severity for p in rep.problems] == []
     assert rep.bucket_histogram == {"448x576": 3, "512x512": 2}
     assert rep.num_images == 3 and rep.num_images_with_repeats == 5
     assert (rep.batches_per_epoch, rep.total_steps) == (3, 12)
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r)), batch_size=2, epochs=None,
-                                            max_train_steps=7, gradient_accumulation_steps=2))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r)), batch_size=2, epochs=None,
+                                           max_train_steps=7, gradient_accumulation_steps=2))
     assert (rep.steps_per_epoch, rep.epochs, rep.total_steps) == (2, 4, 7)
     assert rep.to_text().startswith("OK")
 
@@ -205,10 +205,10 @@ def test_truncated_detected_even_with_global_flag(tmp_path):
 
 def test_empty_and_missing_folders(tmp_path):
     (tmp_path / "empty").mkdir()
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(tmp_path / "empty"))))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(tmp_path / "empty"))))
     assert not rep.ok and [p.code for p in rep.problems] == ["no_images"]
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(tmp_path / "nope"),
-                                                                  class_dir=str(tmp_path / "nope2"))))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(tmp_path / "nope"),
+                                                                 class_dir=str(tmp_path / "nope2"))))
     assert not rep.ok and rep.codes()["missing_folder"] == 2
 
 
@@ -216,13 +216,13 @@ def test_no_upscale_too_small_is_error(tmp_path):
     r = tmp_path / "d"
     save(str(r / "a.png"), Image.new("RGB", (512, 512)))
     save(str(r / "sliver.png"), Image.new("RGB", (40, 500)))
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x"),
-                                            buckets=BucketConfig(no_upscale=True), on_bad_image="fail"))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x"),
+                                           buckets=BucketConfig(no_upscale=True), on_bad_image="fail"))
     assert not rep.ok
     assert names(problems_for(rep, "too_small")) == ["sliver.png"]
     assert rep.num_images == 1 and rep.bucket_histogram == {"512x512": 1}
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x"),
-                                            buckets=BucketConfig(no_upscale=True)))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="x"),
+                                           buckets=BucketConfig(no_upscale=True)))
     assert rep.ok and [os.path.basename(p) for p in rep.skipped_images] == ["sliver.png"]
 
 
@@ -240,7 +240,7 @@ def test_to_text_collapses_repeated_infos(tmp_path):
     r = tmp_path / "d"
     for i in range(6):
         save(str(r / f"{i}.png"), Image.new("RGB", (256, 256), (i, 0, 0)))
-    rep = validate_dataset(ValidationConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="photo of sks")))
+    rep = check_dataset(DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(r), default_caption="photo of sks")))
     assert rep.ok and rep.codes() == {"caption_fallback": 6}
     text = rep.to_text()
     assert text.count("INFO caption_fallback: no caption file") == 3
@@ -258,10 +258,10 @@ def test_the_whole_hostile_image_corpus_beside_good_images(tmp_path):
     good = hostile.write_good_images(ds, 8)
     odd = hostile.write_odd_images(ds)
     bad = hostile.write_bad_images(ds)
-    cfg = ValidationConfig(dataset=DatasetConfig(train_dir=str(ds), default_caption="zkw"),
-                           buckets=BucketConfig((64, 64), min_size=64, max_size=128, step=64))
+    cfg = DatasetCheckConfig(dataset=DatasetConfig(train_dir=str(ds), default_caption="zkw"),
+                             buckets=BucketConfig((64, 64), min_size=64, max_size=128, step=64))
     out = []
-    t = threading.Thread(target=lambda: out.append(validate_dataset(cfg)), daemon=True)
+    t = threading.Thread(target=lambda: out.append(check_dataset(cfg)), daemon=True)
     t.start()
     t.join(120)  # a hang guard (a pipe opened for reading blocks forever), not a speed check
     assert out, "the dataset check did not end"
@@ -277,5 +277,5 @@ def test_the_whole_hostile_image_corpus_beside_good_images(tmp_path):
     assert not missed, missed
     reasons = {p.path: p.message for p in rep.problems if p.path in skipped}
     assert all(reasons.get(p) for p in skipped)
-    strict = validate_dataset(ValidationConfig(dataset=cfg.dataset, buckets=cfg.buckets, on_bad_image="fail"))
+    strict = check_dataset(DatasetCheckConfig(dataset=cfg.dataset, buckets=cfg.buckets, on_bad_image="fail"))
     assert not strict.ok and not strict.skipped_images

@@ -1,4 +1,5 @@
-"""Training jobs inside the webui: one at a time, on the loaded model, as a webui job.
+"""The webui's job runner: it starts training jobs (train/job.py: a job's state and pure logic) inside the webui,
+one at a time, on the loaded model, as a webui job, and keeps them in its registry.
 
 - The webui's queue lock is taken for each training step (not for the whole run): a txt2img sent during training
   waits at most one step and runs between two steps, on the model without the training adapter (the trainer
@@ -21,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 from modules import shared
 
 from ..train.config import ConfigError, TrainConfig
-from ..train.job import Job, JobHooks, JobRegistry, output_file, run_job, validate_config
+from ..train.job import Job, JobHooks, JobRegistry, output_file, run_job, dataset_report
 from . import networks
 
 registry = JobRegistry()
@@ -64,11 +65,12 @@ def _model_resolution() -> int:
     return 1024 if getattr(m, "is_sdxl", False) else 768 if getattr(m, "parameterization", "eps") == "v" else 512
 
 
-def validate(data: Dict[str, Any]) -> Dict[str, Any]:
-    """The dataset report for the same body POST /tune/v1/train takes (nothing starts)."""
+def check_dataset(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The dataset check's report for the same body POST /tune/v1/train takes (nothing starts; the route is
+    POST /tune/v1/validate)."""
     body = {k: v for k, v in data.items() if k not in ("sample_prompts", "sample_steps")}
     cfg, _ = build_config(dict(body, overwrite=True))
-    return validate_config(cfg, _model_resolution())
+    return dataset_report(cfg, _model_resolution())
 
 
 def _run_info() -> Dict[str, Any]:
@@ -198,8 +200,8 @@ def start(data: Dict[str, Any]) -> Job:
     job.total = cfg.steps
     resume_state = None
     if extra.get("resume"):
-        from ..train.state import Checkpoints
-        resume_state = Checkpoints(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last).latest_state()
+        from ..train.state import RunFiles
+        resume_state = RunFiles(cfg.output_dir, cfg.output_name, cfg.state_dir, cfg.keep_last).latest_state()
         if resume_state is None:
             registry.jobs.pop(job.id, None)
             raise ConfigError("resume", f"no saved state for '{cfg.output_name}' in {cfg.state_dir}")
@@ -214,7 +216,7 @@ def start(data: Dict[str, Any]) -> Job:
         from ..train.model import DiffusionModel
         _class_images(job, cfg)  # before anything wraps the model: the webui renders them on the bare model
         model = DiffusionModel(shared.sd_model)
-        report = validate_config(cfg, _model_resolution())
+        report = dataset_report(cfg, _model_resolution())
         if not report["ok"]:
             raise ConfigError("dataset", "the dataset has errors:\n" + report["text"])
         _log_skipped(job, report)

@@ -1,14 +1,12 @@
-"""Output metadata: kohya's ss_* key set and formatting, modelspec, and the sshs hashes checked against kohya's
-and the webui's own hash functions (run from their shipped sources)."""
+"""kohya's key set of a trained file: the ss_* keys and their formatting, and the sshs hashes checked against
+kohya's and the webui's own hash functions (run from their shipped sources)."""
 import ast
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 import tarfile
-from typing import Union
 
 import pytest
 import safetensors
@@ -17,12 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from lib_tune.formats.write import addnet_hash, legacy_hash, save_adapter
 from lib_tune.train.buckets import BucketConfig, plan_buckets
 from lib_tune.train.dataset import DatasetConfig, discover
-from lib_tune.formats.write import addnet_hash, legacy_hash, save_adapter
-from lib_tune.train.metadata import (RunInfo, add_hashes, base_model_version, build_ss_metadata, dataset_fields,
-                                     metadata_for_save, minimum_metadata, modelspec_metadata, network_args_for,
-                                     network_module_for, precalculate_hashes)
+from lib_tune.train.kohya_metadata import (RunInfo, add_hashes, base_model_version, build_ss_metadata,
+                                           dataset_fields, metadata_for_save, minimum_metadata, network_args_for,
+                                           network_module_for, precalculate_hashes)
+from lib_tune.train.modelspec import modelspec_metadata
 
 KOHYA_TAR = "/work/shared/kohya-src/sd-scripts.tar.gz"
 WEBUI_TAR = "/work/shared/webui-src/webui.tar.gz"
@@ -170,32 +169,6 @@ def test_webui_classification(small_dataset):
     assert xl["ss_base_model_version"].startswith("sdxl_") and xl["ss_v2"] == "False"
     sd2 = build_ss_metadata(full_run(small_dataset, base="sd2", v_parameterization=True))
     assert sd2["ss_v2"] == "True" and sd2["ss_base_model_version"] == "sd_v2_v"
-
-
-@pytest.fixture(scope="module")
-def kohya_spec():
-    ns = {"logging": logging, "Union": Union}
-    return exec_defs(source(KOHYA_TAR, "library/sai_model_spec.py"),
-                     ["determine_architecture", "determine_implementation", "determine_resolution"], ns, assigns=True)
-
-
-@pytest.mark.parametrize("base, v, adapter", [("sd1", False, "lora"), ("sd2", False, "lora"), ("sd2", True, "lora"),
-                                              ("sdxl", False, "lora"), ("sd1", False, "textual-inversion"),
-                                              ("sdxl", False, "textual-inversion")])
-def test_modelspec_matches_kohya(kohya_spec, base, v, adapter):
-    lora, ti = adapter == "lora", adapter == "textual-inversion"
-    m = modelspec_metadata(base, "My LoRA", v_parameterization=v, adapter=adapter, timestamp=1700000000,
-                           clip_skip=2, optional={"trigger_phrase": "sks", "author": None})
-    sdxl, v2 = base == "sdxl", base == "sd2"
-    assert m["modelspec.architecture"] == kohya_spec["determine_architecture"](v2, v, sdxl, lora, ti)
-    assert m["modelspec.implementation"] == kohya_spec["determine_implementation"](lora, ti, sdxl)
-    assert m["modelspec.resolution"] == kohya_spec["determine_resolution"](None, sdxl, None, v2, v)
-    assert m["modelspec.sai_model_spec"] == kohya_spec["BASE_METADATA"]["modelspec.sai_model_spec"]
-    assert m["modelspec.prediction_type"] == ("v" if v else "epsilon")
-    assert m["modelspec.encoder_layer"] == "2" and m["modelspec.trigger_phrase"] == "sks"
-    assert "modelspec.author" not in m and m["modelspec.title"] == "My LoRA"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", m["modelspec.date"])
-    assert modelspec_metadata("sd1", "x", resolution=(768, 512))["modelspec.resolution"] == "768x512"
 
 
 def test_hashes_equal_webui_and_kohya(tmp_path, small_dataset):
