@@ -4,12 +4,6 @@ network, and the trainer's previews use the same path.
 
 Nothing here raises for a bad request: every problem (unknown name, unreadable file, wrong architecture) becomes
 a warning and that adapter is skipped, so a generation always goes on.
-
-Memory: the engine merges into the model's own weights (lib_tune/inject/inplace.py); the backups of the touched
-layers live in CPU memory unless `backup_on_device` (an opt-in: faster set changes for VRAM), which a model that the
-webui moves block by block (--medvram/--lowvram: `sd_model.lowvram`) never gets; on such a model no per-step factors
-are kept on the device either. deactivate() leaves the merges in place for the next generation (as the built-in
-Lora does); a generation without tags, a training step or restore() takes them out.
 """
 from __future__ import annotations
 
@@ -64,8 +58,6 @@ class Runtime:
         self.hires = False
         #: adapters under training, by output name: a tag naming one uses its current tensors (no file)
         self.live: Dict[str, AdapterFile] = {}
-        #: keep the backups of touched layers on the model's device (opt-in setting; ignored on a moving model)
-        self.backup_on_device = False
 
     # ---- caches ------------------------------------------------------------------------------------------------
     def targets_of(self, sd_model) -> Targets:
@@ -105,11 +97,8 @@ class Runtime:
 
     # ---- activation ----------------------------------------------------------------------------------------------
     def activate(self, sd_model, requests: Sequence[AdapterRequest], hires: bool = False) -> Activation:
-        """Make `requests` the active set on `sd_model` (an empty list clears it and restores the weights)."""
+        """Make `requests` the active set on `sd_model` (an empty list clears it)."""
         out = Activation()
-        moving = bool(getattr(sd_model, "lowvram", False))  # the webui's --medvram/--lowvram hooks move blocks
-        self.injector.keep_on_device = not moving
-        self.injector.backup_device = "layer" if self.backup_on_device and not moving else "cpu"
         entries: List[ActiveEntry] = []
         for req in requests:
             live = self.live.get(req.name)
@@ -165,12 +154,5 @@ class Runtime:
         self.injector.set_step(step, total)
 
     def deactivate(self) -> None:
-        """The end of a generation: the merges stay for the next one (park), calls outside a generation see the
-        model's own weights."""
-        self.injector.park()
-        self.current = []
-
-    def restore(self) -> None:
-        """Every weight back to the model's own, now (the next activate() merges again)."""
         self.injector.clear()
         self.current = []

@@ -1,9 +1,7 @@
 """The arithmetic of applying adapter deltas to one layer, with no state: merged weights (the built-in's order of
 operations, so results are bit-identical to its merged model) and per-part deltas of packed attention.
 
-merge_plain / merge_mha return NEW tensors and only read the layer's parameters (training, fp8 layers and the
-small layers use them); merge_plain_into writes a Linear's / Conv2d's own parameters in place, as the built-in does,
-with one delta-sized temporary at a time (the engine's default for inference, see inplace.py).
+A merged weight is a NEW tensor; the layer's own parameters are only read.
 """
 from __future__ import annotations
 
@@ -72,34 +70,6 @@ def merge_plain(module: torch.nn.Module, items: Sequence[Item]) -> Dict[str, Ten
         bias = module._parameters.get("bias")
         out["bias"] = b.to(bias.dtype if bias is not None else weight.dtype)
     return out
-
-
-def add_into(param: Tensor, up: Tensor) -> None:
-    """The built-in's `param.copy_((param.to(up.dtype) + up).to(param.dtype))`, in place: an in-place add computes
-    in the promoted dtype and stores in the parameter's, which is the same value whenever casting the parameter to
-    up's dtype is exact (same dtype, or up's is wider); otherwise (a narrower delta) the built-in's casts are kept."""
-    if up.dtype == param.dtype or torch.promote_types(up.dtype, param.dtype) == up.dtype:
-        param.add_(up)
-    else:
-        param.copy_((param.to(dtype=up.dtype) + up).to(dtype=param.dtype))
-
-
-def merge_plain_into(module: torch.nn.Module, items: Sequence[Item]) -> None:
-    """merge_plain's result written into the module's own weight/bias (no fp8 copy: see merge_plain), the deltas
-    computed on the running weight one adapter after another. A bias where the layer has none becomes a new
-    Parameter, as in the built-in. Caller: no_grad."""
-    weight = module._parameters["weight"]
-    for net, m, dyn in items:
-        up, ex_bias = net.delta(weight, m, dyn)
-        add_into(weight, fit_to(up, weight))
-        del up
-        if ex_bias is not None:
-            ex_bias = ex_bias.to(weight.device)
-            bias = module._parameters.get("bias")
-            if bias is None:
-                module._parameters["bias"] = torch.nn.Parameter(ex_bias.to(weight.dtype), requires_grad=False)
-            else:
-                bias.add_(ex_bias)
 
 
 def _add(t: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:

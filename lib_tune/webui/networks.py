@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Dict, List, Optional
 
 from modules import extra_networks, script_callbacks, shared
 
-from ..inject.engine import OtherEngine
 from ..library import Library
 from ..prompt import infotext as tune_infotext
 from ..prompt.errors import TagError
@@ -41,78 +39,20 @@ def runtime() -> Runtime:
         lib.refresh()
         _runtime = Runtime(lib, cache_size=int(getattr(shared.opts, "tune_cache_adapters", 4) or 4),
                            loader=load_like_builtin)
-        _runtime.injector.other = builtin_sync()
+        _runtime.injector.before_call = builtin_sync()
     return _runtime
 
 
-class BuiltinLora(OtherEngine):
-    """The built-in Lora (extensions-builtin/Lora/networks.py) as the injector's other engine. It merges into the
-    same weights lazily, in its patched forward of each layer (network_apply_weights: on a change of the wanted
-    names it restores its CPU backup, taken the first time it wants something on the layer, and adds its networks).
-    stale() is its own test for "would change this layer now"; the injector then takes our delta out, lets it sync
-    (its backup is taken on weights without our delta, its restore finds them as it left them) and merges ours on
-    top again. With the webui's "lora_functional" option it never merges: it only restores a leftover backup."""
-
-    def __init__(self, builtin):
-        self.builtin = builtin
-
-    def _functional(self) -> bool:
-        return bool(getattr(shared.opts, "lora_functional", False))
-
-    def stale(self, module) -> bool:
-        if getattr(module, "network_layer_name", None) is None:
-            return False
-        if self._functional():
-            return getattr(module, "network_weights_backup", None) is not None or \
-                getattr(module, "network_bias_backup", None) is not None
-        wanted = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in self.builtin.loaded_networks)
-        return getattr(module, "network_current_names", ()) != wanted
-
-    def sync(self, module) -> None:
-        if self._functional():
-            self.builtin.network_restore_weights_from_backup(module)
-            self.builtin.network_reset_cached_weight(module)
-        else:
-            self.builtin.network_apply_weights(module)
-
-
-def builtin_sync() -> Optional[BuiltinLora]:
-    """The built-in Lora as an OtherEngine, or None when it is not loaded (disabled extension)."""
+def builtin_sync():
+    """The built-in Lora merges its adapters into the weights lazily, in its patched forward of each layer. Before
+    we swap our merged weights into a layer, let it bring the real weights up to date (merge or restore), so it
+    never writes into our tensors and both engines stack correctly."""
+    import sys
     builtin = sys.modules.get("networks")
-    if builtin is None or not all(hasattr(builtin, n) for n in ("network_apply_weights", "loaded_networks",
-                                                                 "network_restore_weights_from_backup",
-                                                                 "network_reset_cached_weight")):
+    apply = getattr(builtin, "network_apply_weights", None)
+    if apply is None or not hasattr(builtin, "loaded_networks"):
         return None
-    return BuiltinLora(builtin)
-
-
-def _park_when_closed(p) -> None:
-    """The webui calls the extra networks' deactivate() only when a generation ends normally (processing.py:
-    process_images_inner has no finally); every processing object is closed in a finally, though (`with closing(p)`
-    in the API and the UI). So when it closes: after a normal end, park (as deactivate does); while an exception is
-    propagating, restore every weight now (`GET /tune/v1/model-hash` then shows the model's own weights)."""
-    if getattr(p, "_tune_close_wrapped", False):
-        return
-    close = getattr(p, "close", None)
-    if not callable(close):
-        return
-
-    def closed(*args, **kwargs):
-        failed = sys.exc_info()[1] is not None  # (inside closing()'s __exit__ while an exception propagates)
-        try:
-            return close(*args, **kwargs)
-        finally:
-            if _runtime is not None:
-                if failed:
-                    _runtime.restore()
-                else:
-                    _runtime.deactivate()
-
-    try:
-        p.close = closed
-        p._tune_close_wrapped = True
-    except Exception:  # a processing object that refuses attributes: deactivate() still parks normal ends
-        pass
+    return apply
 
 
 def load_like_builtin(path: str):
@@ -183,8 +123,6 @@ class ExtraNetworkTune(extra_networks.ExtraNetwork):
             requests.append(req)
         hires = bool(getattr(p, "is_hr_pass", False))
         self._unregister_embeddings()
-        rt.backup_on_device = bool(getattr(shared.opts, "tune_backup_on_device", False))
-        _park_when_closed(p)
         act = rt.activate(shared.sd_model, requests, hires=hires)
         for w in act.warnings:
             warn(w)

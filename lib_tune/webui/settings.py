@@ -16,10 +16,6 @@ def options():
             4, "Adapter files kept in memory between generations", gr.Number, {"precision": 0}),
         "tune_warn_in_ui": shared.OptionInfo(True, "Show adapter warnings (unknown name, bad tag) as a popup"),
         "tune_hashes_to_infotext": shared.OptionInfo(True, "Add adapter hashes to infotext"),
-        "tune_backup_on_device": shared.OptionInfo(
-            False, "Keep the original weights of the layers adapters change in GPU memory: faster adapter changes, "
-                   "costs VRAM equal to those layers (about 0.7 GB for an SD1.5 LoRA in fp16, several GB on SDXL); "
-                   "ignored with --medvram/--lowvram"),
     }
     for info in items.values():
         info.section = SECTION

@@ -1,7 +1,6 @@
 """Injection on the real ldm / sgm model classes (tiny): kohya-named adapters for every layer map completely, and
 a UNet / text-encoder forward with them equals the same forward on a copy whose weights were merged the built-in's
-way (to fp32's last bits: plain LoRA goes in as one fused multiply-add), whatever CrossAttention.forward is
-installed, and the model's own parameters come back bit-identical."""
+way, whatever CrossAttention.forward is installed, while the model's own parameters stay bit-identical."""
 import copy
 import re
 
@@ -176,16 +175,13 @@ def run_text(model):
 
 
 def snapshot(model):
-    return {n: (id(p), p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    return {n: (p.data_ptr(), p._version, p.detach().clone()) for n, p in model.named_parameters()}
 
 
 def assert_untouched(model, snap):
-    """The same Parameter objects on the same storage with the model's own bytes (merges are in place and restored
-    from a backup, so in-place version counters move), and no wrapper left."""
-    assert set(dict(model.named_parameters())) == set(snap)
     for n, p in model.named_parameters():
-        i, ptr, val = snap[n]
-        assert id(p) == i and p.data_ptr() == ptr and torch.equal(p.detach(), val), n
+        ptr, ver, val = snap[n]
+        assert p.data_ptr() == ptr and p._version == ver and torch.equal(p.detach(), val), n
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
@@ -250,15 +246,13 @@ def test_forward_equals_builtin_merge_and_base_is_untouched(model, monkeypatch):
                 for cls in classes:
                     monkeypatch.setattr(cls, "forward", variant)
             y, text = run_unet(model), run_text(model)
-            # bit for bit but for plain LoRA's fused multiply-add (W + m*s*up@down rounded once): fp32's last bits
-            torch.testing.assert_close(y, run_unet(ref), rtol=1e-4, atol=1e-4)
+            assert torch.equal(y, run_unet(ref))
             for a, b, base in zip(text, run_text(ref), base_text):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-                assert not torch.allclose(a, base)
+                assert torch.equal(a, b) and not torch.equal(a, base)
             assert not torch.allclose(y, base_unet)
-        assert torch.equal(run_unet(model), y)  # second "generation": nothing merged again
+        assert torch.equal(run_unet(model), y)  # second "generation": served from the cache
         computed = inj.computed
-        inj.park()  # the end of a generation (the runtime's deactivate)
+        inj.clear()
         inj.apply(activate(mapped, te=TE, unet=UNET))
         run_unet(model), run_text(model)
         assert inj.computed == computed
@@ -283,17 +277,11 @@ def test_scheduled_unet_weight_follows_steps_without_remerging(model):
             want.append(run_unet(model))
         inj.apply(activate(mapped, unet=lambda s, n: 0.5 * s))
         run_unet(model)
-        computed, stepped = inj.computed, inj.step_merges
-        layers = inj.layers.values()
-        n_sched = sum(1 for layer in layers if layer.sched)
-        assert any(layer.lowrank for layer in layers) and n_sched
+        computed = inj.computed
         for step in range(3):
             inj.set_step(step, 3)
             torch.testing.assert_close(run_unet(model), want[step], rtol=1e-4, atol=1e-4)
-        # no set merge again; layers with a per-step type that has no factors re-merge once per new multiplier
-        assert inj.computed == computed and inj.step_merges - stepped == 2 * n_sched
-        held = inj.held_tensors()  # per-step LoRA factors (the adapters' own tensors) and CPU backups only
-        assert all(t.device.type == "cpu" for t in held)
+        assert inj.computed == computed
     finally:
         inj.clear()
     assert_untouched(model, snap)

@@ -1,6 +1,5 @@
 """Fidelity: `<tune:f:0.8>` gives the built-in Lora's `<lora:f:0.8>` image for every network type, on the tiny SD1
-and SDXL checkpoints in a real webui, also with both engines in one prompt, and the base weights are bit-identical
-after a generation without tags (and after an exception inside a generation).
+and SDXL checkpoints in a real webui, and the base weights are bit-identical afterwards.
 
 The worst pixel difference per case is written to test-output/e2e-fidelity.json.
 
@@ -67,12 +66,9 @@ def test_tune_matches_builtin_for_every_network_type(webui, checkpoints, corpora
     assert not failures, "\n".join(failures)
 
 
-def test_base_weights_come_back_bit_exactly(webui, checkpoints, corpora):
-    """Only our engine: hash before; generations with several adapters, schedules and block weights (merged into
-    the weights in place, kept there between generations as the built-in does); a generation without tags gives
-    back every weight bit for bit."""
+def test_tune_never_writes_base_weights(webui, checkpoints, corpora):
+    """Only our engine: hash before, generations with several adapters, schedules and block weights, hash after."""
     webui.load_checkpoint(checkpoints["sd1"].name)
-    webui.txt2img(PROMPT, seed=5)
     before = webui.get("/tune/v1/model-hash")["sha256"]
     names = [p.stem for c, p in sorted(corpora["sd1"].items()) if c in ("lora", "loha", "full", "norm")]
     prompts = [
@@ -83,48 +79,6 @@ def test_base_weights_come_back_bit_exactly(webui, checkpoints, corpora):
     ]
     images = [first_image(webui.txt2img(p, seed=5)) for p in prompts]
     assert all(img.shape == (64, 64, 3) for img in images)
-    assert webui.get("/tune/v1/model-hash")["sha256"] != before  # (merged in place, not a copy)
-    again = [first_image(webui.txt2img(p, seed=5)) for p in prompts]  # every set change is exact both ways
-    assert all(max_abs_diff(a, b) == 0 for a, b in zip(images, again))
-    webui.txt2img(PROMPT, seed=5)
-    assert webui.get("/tune/v1/model-hash")["sha256"] == before
-
-
-def test_an_exception_inside_a_generation_leaves_the_model_unchanged(webui, checkpoints, corpora):
-    """The webui calls the extra networks' deactivate only after a normal end; an exception after the adapters were
-    merged (here: the hires pass's sampler does not exist, after the first pass ran) still restores every weight
-    (when the processing object is closed), and the same request without the error gives the same image again."""
-    webui.load_checkpoint(checkpoints["sd1"].name)
-    webui.txt2img(PROMPT, seed=6)
-    before = webui.get("/tune/v1/model-hash")["sha256"]
-    prompt = PROMPT + f" <tune:{corpora['sd1']['lora'].stem}:0.8> <tune:{corpora['sd1']['loha'].stem}:0.6>"
-    ok = first_image(webui.txt2img(prompt, seed=6))
-    with pytest.raises(urllib.error.HTTPError):
-        webui.txt2img(prompt, seed=6, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_sampler_name="no-such")
-    assert webui.get("/tune/v1/model-hash")["sha256"] == before
-    assert max_abs_diff(first_image(webui.txt2img(prompt, seed=6)), ok) == 0
-    webui.txt2img(PROMPT, seed=6)
-    assert webui.get("/tune/v1/model-hash")["sha256"] == before
-
-
-def test_both_engines_in_one_prompt_stack_and_restore(webui, checkpoints, corpora):
-    """`<tune:a> <lora:b>` on the same layers: the built-in merges b in place lazily with its own backup, we merge a
-    in place on top; the image is the built-in's `<lora:a> <lora:b>`, in any order of transitions, and a generation
-    without tags gives back every weight (neither engine's delta in the other's backup)."""
-    webui.load_checkpoint(checkpoints["sd1"].name)
-    webui.txt2img(PROMPT, seed=7)
-    before = webui.get("/tune/v1/model-hash")["sha256"]
-    a, b = corpora["sd1"]["lora"].stem, corpora["sd1"]["locon"].stem
-    ref = first_image(webui.txt2img(f"{PROMPT} <lora:{a}:0.8> <lora:{b}:0.7>", seed=7))
-    only_a = first_image(webui.txt2img(f"{PROMPT} <lora:{a}:0.8>", seed=7))
-    only_b = first_image(webui.txt2img(f"{PROMPT} <lora:{b}:0.7>", seed=7))
-    sequence = [("both", f"<tune:{a}:0.8> <lora:{b}:0.7>", ref), ("ours", f"<tune:{a}:0.8>", only_a),
-                ("both", f"<tune:{a}:0.8> <lora:{b}:0.7>", ref), ("theirs", f"<lora:{b}:0.7>", only_b),
-                ("both again", f"<lora:{b}:0.7> <tune:{a}:0.8>", ref), ("ours", f"<tune:{a}:0.8>", only_a)]
-    for label, tags, want in sequence:
-        got = first_image(webui.txt2img(f"{PROMPT} {tags}", seed=7))
-        assert max_abs_diff(got, want) <= TOLERANCE, label
-    webui.txt2img(PROMPT, seed=7)
     assert webui.get("/tune/v1/model-hash")["sha256"] == before
 
 
