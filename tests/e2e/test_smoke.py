@@ -17,7 +17,11 @@ def test_extension_loaded_without_errors(webui):
            # a warning about one adapter a prompt named (test_hostile.py's bad files) is the intended message
            and not re.match(r"\[sd-webui-tune\] adapter '.*' (skipped|not found)", line)]
     assert not bad, "extension problems in the console:\n" + "\n".join(bad)
-    assert "Traceback" not in log, log[-4000:]
+    # the webui's own Lora code prints a traceback for each damaged file of test_hostile.py's corpus it reads;
+    # any other traceback fails the test
+    windows = [log[max(0, i - 600):i + 3000] for i in [m.start() for m in re.finditer("Traceback", log)]]
+    other = [w for w in windows if "/Lora/hostile/" not in w]
+    assert not other, other[0]
 
 
 def test_settings_section_and_status_route(webui):
